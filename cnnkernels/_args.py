@@ -1,0 +1,163 @@
+"""Argument normalization and validation for the public functions.
+
+Every backend receives the same normalized call: 4-D input, explicit symmetric padding, and
+2-tuples for stride, padding and dilation. Messages follow PyTorch's wording.
+"""
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch._prims_common
+import torch.nn.functional as F
+
+
+@dataclass
+class ConvCall:
+    input: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    residual: Optional[torch.Tensor]
+    stride: List[int]
+    padding: List[int]
+    dilation: List[int]
+    groups: int
+    unbatched: bool
+
+    @property
+    def op_args(self):
+        """Positional arguments of torch.ops.cnnkernels.conv2d_(add_)relu after input and weight."""
+        return (self.stride, self.padding, self.dilation, self.groups)
+
+
+def _pair(name, value):
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a tuple of 2 ints, but got {value!r}")
+    if isinstance(value, int):
+        return [value, value]
+    if isinstance(value, torch.SymInt):
+        return [value, value]
+    if isinstance(value, (tuple, list, torch.Size)):
+        if len(value) == 1:
+            value = (value[0], value[0])
+        if len(value) != 2 or not all(isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+                                      for v in value):
+            raise RuntimeError(f"expected {name} to be a single integer value or a list of 2 values to "
+                               f"match the convolution dimensions, but got {name}={list(value)}")
+        return list(value)
+    raise TypeError(f"{name} must be an int or a tuple of 2 ints, but got {type(value).__name__}")
+
+
+def _check_tensor(op, name, value, required=True):
+    if value is None and not required:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}(): argument '{name}' must be Tensor, not {type(value).__name__}")
+
+
+def _check_same_kind(op, name, tensor, input):
+    if tensor.device != input.device:
+        raise RuntimeError(f"{op}: expected all tensors to be on the same device, but {name} is on "
+                           f"{tensor.device} and input is on {input.device}")
+    if tensor.dtype != input.dtype:
+        raise RuntimeError(f"{op}: expected {name} to have the same dtype as input ({input.dtype}), "
+                           f"but got {tensor.dtype}")
+
+
+def conv_call(op, input, weight, bias, stride, padding, dilation, groups, residual=None, needs_residual=False):
+    """Validates a conv2d_relu / conv2d_add_relu call and returns it normalized."""
+    _check_tensor(op, "input", input)
+    _check_tensor(op, "weight", weight)
+    _check_tensor(op, "bias", bias, required=False)
+    if needs_residual:
+        _check_tensor(op, "residual", residual)
+    if input.dim() not in (3, 4):
+        raise RuntimeError(f"{op}: expected 3D (unbatched) or 4D (batched) input, but got input of size: "
+                           f"{list(input.shape)}")
+    if weight.dim() != 4:
+        raise RuntimeError(f"{op}: expected 4D weight (out_channels, in_channels/groups, kH, kW), but got "
+                           f"weight of size {list(weight.shape)}")
+    if not input.dtype.is_floating_point:
+        raise RuntimeError(f"{op}: expected a floating-point input, but got {input.dtype}")
+    _check_same_kind(op, "weight", weight, input)
+    if not isinstance(groups, int) or isinstance(groups, bool):
+        raise TypeError(f"groups must be an int, but got {type(groups).__name__}")
+    if groups <= 0:
+        raise RuntimeError(f"{op}: non-positive groups is not supported, got groups={groups}")
+    stride, dilation = _pair("stride", stride), _pair("dilation", dilation)
+    if any(s <= 0 for s in stride):
+        raise RuntimeError(f"{op}: non-positive stride is not supported, got stride={stride}")
+    if any(d <= 0 for d in dilation):
+        raise RuntimeError(f"{op}: dilation should be greater than zero, got dilation={dilation}")
+
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+        if residual is not None and isinstance(residual, torch.Tensor) and residual.dim() == 3:
+            residual = residual.unsqueeze(0)
+    n, c, h, w = input.shape
+    k, c_per_group, r, s = weight.shape
+    if k % groups != 0:
+        raise RuntimeError(f"{op}: given groups={groups}, expected weight to be divisible by {groups} at "
+                           f"dimension 0, but got weight of size {list(weight.shape)} instead")
+    if c != c_per_group * groups:
+        raise RuntimeError(f"{op}: given groups={groups}, weight of size {list(weight.shape)}, expected "
+                           f"input{list(input.shape)} to have {c_per_group * groups} channels, but got {c} "
+                           "channels instead")
+    if bias is not None:
+        _check_same_kind(op, "bias", bias, input)
+        if bias.dim() != 1 or bias.shape[0] != k:
+            raise RuntimeError(f"{op}: given weight of size {list(weight.shape)}, expected bias to be "
+                               f"1-dimensional with {k} elements, but got bias of size {list(bias.shape)} "
+                               "instead")
+
+    spans = [dilation[0] * (r - 1) + 1, dilation[1] * (s - 1) + 1]
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = [0, 0]
+        elif padding == "same":
+            if any(st != 1 for st in stride):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            totals = [spans[0] - 1, spans[1] - 1]
+            padding = [totals[0] // 2, totals[1] // 2]
+            extra_h, extra_w = totals[0] % 2, totals[1] % 2
+            if extra_h or extra_w:
+                # Even kernels need one more row/column at the end, as F.conv2d adds.
+                input = F.pad(input, [0, extra_w, 0, extra_h])
+                h, w = h + extra_h, w + extra_w
+        else:
+            raise ValueError(f"Invalid padding string '{padding}', should be one of {{'valid', 'same'}}")
+    else:
+        padding = _pair("padding", padding)
+        if any(p < 0 for p in padding):
+            raise RuntimeError(f"{op}: negative padding is not supported, got padding={padding}")
+
+    padded = [h + 2 * padding[0], w + 2 * padding[1]]
+    if padded[0] < spans[0] or padded[1] < spans[1]:
+        raise RuntimeError(f"{op}: calculated padded input size per channel: ({padded[0]} x {padded[1]}). "
+                           f"Kernel size: ({spans[0]} x {spans[1]}). Kernel size can't be greater than "
+                           "actual input size")
+    if needs_residual:
+        out_shape = [n, k, (padded[0] - spans[0]) // stride[0] + 1, (padded[1] - spans[1]) // stride[1] + 1]
+        _check_same_kind(op, "residual", residual, input)
+        if list(residual.shape) != out_shape:
+            shown = out_shape[1:] if unbatched else out_shape
+            got = list(residual.shape)[1:] if unbatched and residual.dim() == 4 else list(residual.shape)
+            raise RuntimeError(f"{op}: expected residual of size {shown} (the convolution's output), but "
+                               f"got residual of size {got}")
+    return ConvCall(input, weight, bias, residual, stride, padding, dilation, groups, unbatched)
+
+
+def check_add_relu(input, other):
+    _check_tensor("add_relu", "input", input)
+    _check_tensor("add_relu", "other", other)
+    if not input.dtype.is_floating_point:
+        raise RuntimeError(f"add_relu: expected a floating-point input, but got {input.dtype}")
+    _check_same_kind("add_relu", "other", other, input)
+    if other.shape != input.shape:
+        raise RuntimeError(f"add_relu: expected other of size {list(input.shape)} to match input, but got "
+                           f"other of size {list(other.shape)}")
+
+
+def output_memory_format(input):
+    """The memory format of an op's output: the input's, as F.conv2d keeps it."""
+    return torch._prims_common.suggest_memory_format(input)

@@ -1,0 +1,53 @@
+"""Loads the C++ extension cnnkernels._C, never failing the import of cnnkernels.
+
+`status()` says whether it loaded and, if not, why ("built for torch X, running Y", "not
+built", ...). `require()` raises that reason as a RuntimeError where a C++ op is called.
+"""
+import importlib
+import torch
+
+_module = None
+_problem = None
+
+
+def _load():
+    global _module, _problem
+    try:
+        from . import _build_info
+    except ImportError:
+        _problem = ("the C++ extension cnnkernels._C is not built; install with "
+                    "`pip install --no-build-isolation -e .`")
+        return
+    if _build_info.TORCH_VERSION != torch.__version__:
+        # A .so built against another torch can load and then crash: never load it.
+        _problem = (f"the C++ extension cnnkernels._C was built for torch {_build_info.TORCH_VERSION}, "
+                    f"running torch {torch.__version__}; rebuild it with "
+                    "`pip install --no-build-isolation -e .`")
+        return
+    try:
+        _module = importlib.import_module("cnnkernels._C")
+    except ImportError as error:
+        _problem = f"the C++ extension cnnkernels._C failed to load: {error}"
+
+
+_load()
+
+
+def module():
+    """The loaded extension module, or None."""
+    return _module
+
+
+def problem():
+    """Why the extension is unusable, or None when it loaded."""
+    return _problem
+
+
+def require():
+    if _module is None:
+        raise RuntimeError(f"cnnkernels: {_problem}")
+    return _module
+
+
+def has_cuda_kernels():
+    return _module is not None and any(k.startswith("cuda:") for k in _module.kernels)

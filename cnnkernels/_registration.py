@@ -1,0 +1,101 @@
+"""Python-side registrations for the ops: fake (meta) kernels for the C++ ops, and autograd
+for every op, C++ and Triton alike.
+
+The backward uses PyTorch ops for now: the ReLU mask comes from the saved output, the masked
+gradient is the residual's gradient, and aten.convolution_backward gives the rest.
+"""
+import torch
+
+from ._args import output_memory_format
+
+
+def conv_output_shape(input, weight, stride, padding, dilation):
+    n, _, h, w = input.shape
+    k, _, r, s = weight.shape
+    oh = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return (n, k, oh, ow)
+
+
+def empty_conv_output(input, weight, stride, padding, dilation):
+    """An uninitialized output with the shape, dtype and strides the real kernels produce."""
+    return torch.empty(conv_output_shape(input, weight, stride, padding, dilation), dtype=input.dtype,
+                       device=input.device, memory_format=output_memory_format(input))
+
+
+def _fake_conv2d_relu(input, weight, bias, stride, padding, dilation, groups):
+    return empty_conv_output(input, weight, stride, padding, dilation)
+
+
+def _fake_conv2d_add_relu(input, weight, residual, bias, stride, padding, dilation, groups):
+    return empty_conv_output(input, weight, stride, padding, dilation)
+
+
+def _fake_add_relu(input, other):
+    return torch.empty_like(input, memory_format=output_memory_format(input))
+
+
+def _setup_conv2d_relu(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(input, weight, output)
+    ctx.geometry = (stride, padding, dilation, groups)
+    ctx.has_bias = bias is not None
+
+
+def _setup_conv2d_add_relu(ctx, inputs, output):
+    input, weight, residual, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(input, weight, output)
+    ctx.geometry = (stride, padding, dilation, groups)
+    ctx.has_bias = bias is not None
+
+
+def _conv_grads(ctx, grad, bias_index):
+    input, weight, output = ctx.saved_tensors
+    grad_pre_relu = torch.ops.aten.threshold_backward(grad, output, 0)
+    stride, padding, dilation, groups = ctx.geometry
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[bias_index]]
+    if any(mask):
+        grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad_pre_relu, input, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding,
+            dilation, False, [0, 0], groups, mask)
+    else:
+        grad_input = grad_weight = grad_bias = None
+    return grad_pre_relu, grad_input, grad_weight, grad_bias
+
+
+def _backward_conv2d_relu(ctx, grad):
+    _, grad_input, grad_weight, grad_bias = _conv_grads(ctx, grad, bias_index=2)
+    return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+def _backward_conv2d_add_relu(ctx, grad):
+    grad_pre_relu, grad_input, grad_weight, grad_bias = _conv_grads(ctx, grad, bias_index=3)
+    return grad_input, grad_weight, grad_pre_relu, grad_bias, None, None, None, None
+
+
+def _setup_add_relu(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _backward_add_relu(ctx, grad):
+    (output,) = ctx.saved_tensors
+    grad_pre_relu = torch.ops.aten.threshold_backward(grad, output, 0)
+    return grad_pre_relu, grad_pre_relu
+
+
+def register_autograd(suffix=""):
+    """Registers autograd for cnnkernels::{conv2d_relu,conv2d_add_relu,add_relu}{suffix}."""
+    lib = torch.library
+    lib.register_autograd(f"cnnkernels::conv2d_relu{suffix}", _backward_conv2d_relu,
+                          setup_context=_setup_conv2d_relu)
+    lib.register_autograd(f"cnnkernels::conv2d_add_relu{suffix}", _backward_conv2d_add_relu,
+                          setup_context=_setup_conv2d_add_relu)
+    lib.register_autograd(f"cnnkernels::add_relu{suffix}", _backward_add_relu, setup_context=_setup_add_relu)
+
+
+def register_extension_ops():
+    """Fake kernels and autograd for the C++ ops (their schemas live in csrc/ops.cpp)."""
+    torch.library.register_fake("cnnkernels::conv2d_relu")(_fake_conv2d_relu)
+    torch.library.register_fake("cnnkernels::conv2d_add_relu")(_fake_conv2d_add_relu)
+    torch.library.register_fake("cnnkernels::add_relu")(_fake_add_relu)
+    register_autograd()

@@ -1,0 +1,30 @@
+// Argument checks and shape arithmetic shared by every C++ kernel (CPU and CUDA).
+// The Python front end runs the same checks first (cnnkernels/_args.py), so these
+// only fire when torch.ops.cnnkernels.* is called directly; they keep kernels memory-safe.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace cnnkernels {
+
+struct ConvShape {
+  int64_t N, C, H, W;      // input (logical NCHW)
+  int64_t K, R, S;         // output channels, kernel rows, kernel columns
+  int64_t OH, OW;          // output spatial size
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups;
+};
+
+// Validates a fused conv call and returns its geometry. `residual` may be undefined.
+ConvShape check_conv2d_args(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
+                            at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups);
+
+void check_add_relu_args(const at::Tensor& input, const at::Tensor& other);
+
+// The memory format the output takes: the input's, as torch.nn.functional.conv2d does.
+inline at::MemoryFormat output_memory_format(const at::Tensor& input) {
+  return input.suggest_memory_format();
+}
+
+}  // namespace cnnkernels

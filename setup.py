@@ -1,0 +1,119 @@
+"""Builds cnnkernels and its extension cnnkernels._C.
+
+The C++ CPU kernels are always built. The CUDA kernels in csrc/cuda/ are built whenever the
+installed torch is a CUDA build and nvcc is found, with or without a GPU on this machine.
+
+Environment:
+  CNNKERNELS_CPU_ONLY=1    build the CPU kernels only
+  TORCH_CUDA_ARCH_LIST     CUDA archs (default: sm_90a code plus compute_90 PTX for newer cards)
+  MAX_JOBS                 parallel compile jobs (ninja)
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    sys.exit(
+        "cnnkernels needs PyTorch installed before it is built. Install torch first, then build "
+        "against it without build isolation:\n    pip install torch\n    pip install --no-build-isolation ."
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCH_FLAGS = [
+    "-gencode=arch=compute_90a,code=sm_90a",  # Hopper, with wgmma and TMA
+    "-gencode=arch=compute_90,code=compute_90",  # PTX that newer cards compile at load time
+]
+
+
+def cuda_build_decision():
+    """(build CUDA?, reason). Never asks torch.cuda.is_available(): build boxes have no GPU."""
+    if os.environ.get("CNNKERNELS_CPU_ONLY", "0") == "1":
+        return False, "CNNKERNELS_CPU_ONLY=1"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is not a CUDA build"
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return False, "nvcc not found (set CUDA_HOME)"
+    if not glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
+        return False, "no CUDA sources in csrc/cuda"
+    return True, ""
+
+
+def cuda_library_headers():
+    """Headers torch's CUDA headers include (cuBLAS, cuSPARSE) that a bare system CUDA may lack:
+    the nvidia cu13 wheels that torch depends on carry them."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for root in nvidia.__path__:
+        found += glob.glob(os.path.join(root, "cu*", "include"))
+        found += glob.glob(os.path.join(root, "*", "include"))
+    return [d for d in dict.fromkeys(found) if os.path.isdir(d)]
+
+
+def cutlass_headers():
+    try:
+        import cutlass_library
+    except ImportError:
+        return []
+    base = os.path.join(os.path.dirname(cutlass_library.__file__), "source")
+    dirs = [os.path.join(base, "include"), os.path.join(base, "tools", "util", "include")]
+    return dirs if all(os.path.isdir(d) for d in dirs) else []
+
+
+def c_string(value):
+    return '"' + str(value).replace('"', "") + '"'
+
+
+def extension():
+    with_cuda, why_not = cuda_build_decision()
+    sources = ["csrc/ops.cpp", "csrc/conv_args.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    defines = [("CNNKERNELS_TORCH_VERSION", c_string(torch.__version__))]
+    cxx = ["-O3"]
+    if not with_cuda:
+        print(f"cnnkernels: building the CPU kernels only ({why_not})")
+        return CppExtension("cnnkernels._C", sources, define_macros=defines,
+                            extra_compile_args={"cxx": cxx}), ""
+
+    sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "--use_fast_math", "-lineinfo"]
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not archs:
+        nvcc += DEFAULT_CUDA_ARCH_FLAGS
+        archs = "9.0a;9.0+PTX"
+    defines += [("CNNKERNELS_WITH_CUDA", None), ("CNNKERNELS_CUDA_VERSION", c_string(torch.version.cuda)),
+                ("CNNKERNELS_CUDA_ARCHS", c_string(archs))]
+    for d in cuda_library_headers():  # searched after torch's and CUDA_HOME's own include dirs
+        cxx += ["-isystem", d]
+        nvcc += ["-isystem", d]
+    include_dirs = cutlass_headers()
+    if include_dirs:
+        defines.append(("CNNKERNELS_WITH_CUTLASS", None))
+    else:
+        print("cnnkernels: CUTLASS headers not found (pip install nvidia-cutlass); "
+              "building the generic CUDA conv kernel only")
+    print(f"cnnkernels: building CPU and CUDA kernels (CUDA {torch.version.cuda}, archs {archs})")
+    return CUDAExtension("cnnkernels._C", sources, define_macros=defines, include_dirs=include_dirs,
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}), archs
+
+
+def write_build_info(archs):
+    # Read before cnnkernels._C is loaded, so a .so built for another torch is never loaded.
+    with open(os.path.join(ROOT, "cnnkernels", "_build_info.py"), "w") as f:
+        f.write("# Written by setup.py.\n")
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\nCUDA_ARCHS = {archs!r}\n")
+
+
+ext, archs = extension()
+write_build_info(archs)
+setup(
+    packages=find_packages(include=["cnnkernels", "cnnkernels.*"]),
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension},
+)
