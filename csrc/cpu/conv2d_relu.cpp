@@ -1,8 +1,8 @@
-// Conv + bias (+ residual) + ReLU on the CPU. Where PyTorch ships oneDNN, this is one oneDNN
-// convolution with the ReLU (and the residual add) fused as post-ops, the same primitive
-// PyTorch's own CPU fusion uses (mkldnn::_convolution_pointwise). Otherwise, and for dtypes
-// oneDNN does not take here, it is ATen's convolution (bias included) followed by one fused
-// residual+ReLU pass in place.
+// Conv + bias (+ residual) + ReLU on the CPU: the convolution with its bias, then one fused
+// residual+ReLU pass in place. The convolution is oneDNN's (mkldnn::_convolution_pointwise,
+// the primitive PyTorch's own CPU fusion uses) where PyTorch ships it, else ATen's.
+// oneDNN's fused ReLU post-op is not used because it turns NaN into 0 (measured here with
+// torch 2.14.1), where torch.relu keeps NaN.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -12,7 +12,24 @@
 namespace cnnkernels::cpu {
 namespace {
 
-bool cpu_has_onednn_bf16() {
+c10::optional<c10::OperatorHandle> find_op(const char* name, const char* overload) {
+  return c10::Dispatcher::singleton().findSchema({name, overload});
+}
+
+at::Tensor conv_onednn(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                       int64_t groups) {
+  static const auto op = find_op("mkldnn::_convolution_pointwise", "");
+  const c10::IValue none;
+  torch::jit::Stack stack{x, w, (bias.has_value() && bias->defined()) ? c10::IValue(*bias) : none,
+                          padding.vec(), stride.vec(), dilation.vec(), groups, std::string("none"),
+                          c10::List<c10::optional<at::Scalar>>(), none};
+  op->callBoxed(&stack);
+  return stack.at(0).toTensor();
+}
+
+// PyTorch's oneDNN takes bf16 only on CPUs with AVX-512 BW/VL/DQ (mkldnn_bf16_device_check).
+bool cpu_runs_onednn_bf16() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool ok = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                          __builtin_cpu_supports("avx512dq");
@@ -22,38 +39,10 @@ bool cpu_has_onednn_bf16() {
 #endif
 }
 
-bool onednn_takes(const at::Tensor& input) {
-  if (!at::hasMKLDNN()) return false;
-  switch (input.scalar_type()) {
-    case at::kFloat: return true;
-    case at::kBFloat16: return cpu_has_onednn_bf16();
-    default: return false;
-  }
-}
-
-c10::optional<c10::OperatorHandle> find_op(const char* name, const char* overload) {
-  return c10::Dispatcher::singleton().findSchema({name, overload});
-}
-
-at::Tensor conv_onednn(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                       const at::Tensor& residual, at::IntArrayRef stride, at::IntArrayRef padding,
-                       at::IntArrayRef dilation, int64_t groups) {
-  static const auto unary = find_op("mkldnn::_convolution_pointwise", "");
-  static const auto binary = find_op("mkldnn::_convolution_pointwise", "binary");
-  const c10::IValue none;
-  const c10::List<c10::optional<at::Scalar>> no_scalars;
-  const c10::IValue b = (bias.has_value() && bias->defined()) ? c10::IValue(*bias) : none;
-  torch::jit::Stack stack;
-  if (residual.defined()) {
-    stack = {x, residual, w, b, padding.vec(), stride.vec(), dilation.vec(), groups,
-             std::string("add"), none, std::string("relu"), no_scalars, none};
-    binary->callBoxed(&stack);
-  } else {
-    stack = {x, w, b, padding.vec(), stride.vec(), dilation.vec(), groups,
-             std::string("relu"), no_scalars, none};
-    unary->callBoxed(&stack);
-  }
-  return stack.at(0).toTensor();
+bool onednn_takes(const at::Tensor& x) {
+  static const bool have_op = at::hasMKLDNN() && find_op("mkldnn::_convolution_pointwise", "").has_value();
+  return have_op && (x.scalar_type() == at::kFloat ||
+                     (x.scalar_type() == at::kBFloat16 && cpu_runs_onednn_bf16()));
 }
 
 at::Tensor conv2d_bias_act_cpu(const char* op, const at::Tensor& input, const at::Tensor& weight,
@@ -68,16 +57,10 @@ at::Tensor conv2d_bias_act_cpu(const char* op, const at::Tensor& input, const at
   const at::Tensor w = weight.contiguous(format);
   const at::Tensor r = residual.defined() ? residual.contiguous(format) : residual;
 
-  at::Tensor out;
-  static const bool have_onednn_ops = find_op("mkldnn::_convolution_pointwise", "").has_value() &&
-                                      find_op("mkldnn::_convolution_pointwise", "binary").has_value();
-  if (have_onednn_ops && onednn_takes(x)) {
-    out = conv_onednn(x, w, bias, r, stride, padding, dilation, groups);
-    if (!out.is_contiguous(format)) out = out.contiguous(format);
-    return out;
-  }
-  out = at::convolution(x, w, bias, stride, padding, dilation, /*transposed=*/false, {0, 0}, groups)
-            .contiguous(format);
+  at::Tensor out = onednn_takes(x)
+      ? conv_onednn(x, w, bias, stride, padding, dilation, groups)
+      : at::convolution(x, w, bias, stride, padding, dilation, /*transposed=*/false, {0, 0}, groups);
+  out = out.contiguous(format);
   add_relu_dense(out, r, out);
   return out;
 }

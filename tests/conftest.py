@@ -1,0 +1,80 @@
+"""Shared test helpers: devices, the float64 reference check, poisoned outputs."""
+import contextlib
+import os
+
+import pytest
+import torch
+
+# Triton's interpreter must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REQUIRE_CUDA = os.environ.get("CNNKERNELS_REQUIRE_CUDA", "0") == "1"
+HAVE_CUDA = torch.cuda.is_available()
+
+
+def cuda_or_skip():
+    """Skips the calling test without a GPU, or fails it when CNNKERNELS_REQUIRE_CUDA=1."""
+    if HAVE_CUDA:
+        return
+    if REQUIRE_CUDA:
+        pytest.fail("CNNKERNELS_REQUIRE_CUDA=1 but no CUDA device is available")
+    pytest.skip("needs a CUDA GPU")
+
+
+def device_param(device):
+    return pytest.param(device, marks=pytest.mark.gpu) if device == "cuda" else device
+
+
+DEVICES = [device_param("cpu"), device_param("cuda")]
+BACKENDS = ["torch", "cuda", "triton", "auto"]
+
+# The floor of the tolerance rule: normwise relative error allowed even when PyTorch's own
+# error in the same dtype is near zero.
+ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def _device_gate(request):
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("device") == "cuda":
+        cuda_or_skip()
+
+
+def relative_error(out, ref):
+    diff = (out.double() - ref).nan_to_num(0.0)
+    return (diff.norm() / ref.nan_to_num(0.0).norm().clamp_min(1e-30)).item()
+
+
+def assert_matches_reference(out, ref64, torch_same_dtype):
+    """The tolerance rule: our error against the float64 reference is at most twice PyTorch's
+    own error in the same dtype, plus a small floor. NaN must appear exactly where the
+    reference has it, and everywhere else the output must be written."""
+    assert out.shape == ref64.shape, (out.shape, ref64.shape)
+    assert out.dtype == torch_same_dtype.dtype
+    assert torch.equal(out.isnan(), ref64.isnan()), "NaN positions differ from the reference"
+    ours = relative_error(out, ref64)
+    theirs = relative_error(torch_same_dtype, ref64)
+    bound = 2 * theirs + ERROR_FLOOR[out.dtype]
+    assert ours <= bound, f"relative error {ours:.3g} > {bound:.3g} (PyTorch's own: {theirs:.3g})"
+
+
+def memory_format_of(t):
+    return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
+        and not t.is_contiguous() else torch.contiguous_format
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Every tensor allocated by torch.empty* (ours included) starts filled with NaN, so an
+    element a kernel forgets to write shows up as NaN."""
+    was = torch.are_deterministic_algorithms_enabled()
+    was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)

@@ -1,0 +1,251 @@
+"""The public API: argument forms, bad input, backend choice, modules, opcheck and gradcheck."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import cnnkernels
+from cnnkernels import backends
+from conftest import BACKENDS, DEVICES, cuda_or_skip
+
+CONV_FORMS = [  # keyword arguments exactly as F.conv2d takes them
+    dict(), dict(stride=2), dict(stride=(2, 1), padding=(1, 2)), dict(padding="same"), dict(padding="valid"),
+    dict(padding=[1], dilation=(2,)), dict(padding="same", dilation=2), dict(stride=[1, 3], padding=1),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", CONV_FORMS, ids=str)
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+def test_argument_forms_match_f_conv2d(form, batched, backend):
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    w, b = torch.randn(6, 4, 3, 2, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    if not batched:
+        x = x[0]
+    expected = F.conv2d(x, w, b, **form)
+    residual = torch.randn_like(expected)
+    with cnnkernels.use_backend(backend):
+        assert torch.allclose(cnnkernels.conv2d_relu(x, w, b, **form), expected.relu())
+        assert torch.allclose(cnnkernels.conv2d_add_relu(x, w, residual, b, **form), (expected + residual).relu())
+        assert torch.allclose(cnnkernels.conv2d_relu(x, w, None, **form), F.conv2d(x, w, None, **form).relu())
+
+
+def _conv_inputs():
+    return torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3, 3), torch.randn(6)
+
+
+BAD_CONV_CALLS = {  # name: (kwargs edits, exception type, message fragment)
+    "channel mismatch": (dict(input=torch.randn(2, 5, 8, 8)), RuntimeError, "to have 4 channels, but got 5"),
+    "groups do not divide": (dict(groups=4, weight=torch.randn(6, 1, 3, 3)), RuntimeError,
+                             "divisible by 4 at dimension 0"),
+    "groups not positive": (dict(groups=0), RuntimeError, "non-positive groups"),
+    "bias shape": (dict(bias=torch.randn(5)), RuntimeError, "expected bias to be 1-dimensional with 6 elements"),
+    "stride zero": (dict(stride=0), RuntimeError, "non-positive stride"),
+    "dilation zero": (dict(dilation=(1, 0)), RuntimeError, "dilation should be greater than zero"),
+    "negative padding": (dict(padding=-1), RuntimeError, "negative padding"),
+    "kernel larger than input": (dict(weight=torch.randn(6, 4, 11, 11)), RuntimeError,
+                                 "Kernel size can't be greater than actual input size"),
+    "input ndim": (dict(input=torch.randn(4, 8, 8, 1, 1)), RuntimeError, "expected 3D (unbatched) or 4D"),
+    "weight ndim": (dict(weight=torch.randn(6, 4, 3)), RuntimeError, "expected 4D weight"),
+    "dtype mismatch": (dict(weight=torch.randn(6, 4, 3, 3, dtype=torch.float64)), RuntimeError,
+                       "expected weight to have the same dtype as input"),
+    "bias dtype": (dict(bias=torch.randn(6, dtype=torch.bfloat16)), RuntimeError,
+                   "expected bias to have the same dtype"),
+    "integer input": (dict(input=torch.ones(2, 4, 8, 8, dtype=torch.int64),
+                           weight=torch.ones(6, 4, 3, 3, dtype=torch.int64), bias=None), RuntimeError,
+                      "expected a floating-point input"),
+    "stride of 3 values": (dict(stride=(1, 1, 1)), RuntimeError, "list of 2 values"),
+    "padding string": (dict(padding="full"), ValueError, "Invalid padding string 'full'"),
+    "same with stride": (dict(padding="same", stride=2), ValueError, "not supported for strided"),
+    "input not a tensor": (dict(input=[[1.0]]), TypeError, "must be Tensor"),
+    "float stride": (dict(stride=1.5), TypeError, "stride must be an int"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BAD_CONV_CALLS)
+def test_bad_conv_input_raises_clearly(case, backend):
+    edits, error, fragment = BAD_CONV_CALLS[case]
+    x, w, b = _conv_inputs()
+    args = dict(input=x, weight=w, bias=b, stride=1, padding=1, dilation=1, groups=1) | edits
+    with cnnkernels.use_backend(backend), pytest.raises(error, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        cnnkernels.conv2d_relu(**args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_residual_and_other_raise_clearly(backend):
+    x, w, b = _conv_inputs()
+    with cnnkernels.use_backend(backend):
+        with pytest.raises(RuntimeError, match=r"expected residual of size \[2, 6, 8, 8\]"):
+            cnnkernels.conv2d_add_relu(x, w, torch.randn(2, 6, 8, 7), b, padding=1)
+        with pytest.raises(RuntimeError, match="expected residual to have the same dtype"):
+            cnnkernels.conv2d_add_relu(x, w, torch.randn(2, 6, 8, 8, dtype=torch.float64), b, padding=1)
+        with pytest.raises(RuntimeError, match=r"expected other of size \[2, 3\] to match input"):
+            cnnkernels.add_relu(torch.randn(2, 3), torch.randn(3))
+        with pytest.raises(RuntimeError, match="expected other to have the same dtype"):
+            cnnkernels.add_relu(torch.randn(2, 3), torch.randn(2, 3, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_device_mismatch_raises(backend):
+    cuda_or_skip()
+    x, w, b = _conv_inputs()
+    with cnnkernels.use_backend(backend), pytest.raises(RuntimeError, match="same device"):
+        cnnkernels.conv2d_relu(x.cuda(), w, b)
+    with cnnkernels.use_backend(backend), pytest.raises(RuntimeError, match="same device"):
+        cnnkernels.add_relu(x.cuda(), x)
+
+
+def test_cpp_ops_check_their_arguments_when_called_directly():
+    x, w, b = _conv_inputs()
+    ops = torch.ops.cnnkernels
+    with pytest.raises(RuntimeError, match="to have 4 channels, but got 5"):
+        ops.conv2d_relu(torch.randn(2, 5, 8, 8), w, b, [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
+        ops.conv2d_relu(x, torch.randn(6, 4, 9, 9), b, [1, 1], [0, 0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="expected residual of size"):
+        ops.conv2d_add_relu(x, w, torch.randn(2, 6, 3, 3), b, [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="non-positive stride"):
+        ops.conv2d_relu(x, w, b, [0, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="to match input"):
+        ops.add_relu(x, x[:1])
+
+
+# --- backend choice -------------------------------------------------------------------------
+
+def test_backend_choice_api():
+    assert cnnkernels.get_backend() == "auto"
+    with cnnkernels.use_backend("torch"):
+        assert cnnkernels.get_backend() == "torch"
+        with cnnkernels.use_backend("cuda"):
+            assert cnnkernels.get_backend() == "cuda"
+        assert cnnkernels.get_backend() == "torch"
+    assert cnnkernels.get_backend() == "auto"
+    cnnkernels.set_backend("torch")
+    try:
+        assert cnnkernels.get_backend() == "torch"
+    finally:
+        cnnkernels.set_backend("auto")
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
+        cnnkernels.set_backend("cudnn")
+
+
+def test_every_backend_is_available_on_the_cpu_in_ci():
+    """CI builds the extension and runs Triton through its interpreter: all four must work."""
+    assert cnnkernels.available_backends("cpu") == ["auto", "torch", "cuda", "triton"]
+
+
+def test_auto_picks_the_cpu_kernels_and_falls_back_for_unsupported_calls(monkeypatch):
+    x, w, b = _conv_inputs()
+    picked = backends.select("conv2d_relu", x.device, lambda backend: [])
+    assert picked.name == "cuda"
+    monkeypatch.setattr(backends.ExtensionBackend, "conv_unsupported", lambda self, call: ["pretend dtype"])
+    calls = []
+    monkeypatch.setattr(backends.TorchBackend, "conv", lambda self, call: calls.append(call) or torch.zeros(1))
+    cnnkernels.conv2d_relu(x, w, b)
+    assert len(calls) == 1  # "auto" fell back to the reference
+    with cnnkernels.use_backend("cuda"), pytest.raises(NotImplementedError, match="pretend dtype"):
+        cnnkernels.conv2d_relu(x, w, b)
+
+
+def _python(code, **env):
+    full_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+                          timeout=300)
+
+
+def test_environment_variable_chooses_the_backend():
+    done = _python("import cnnkernels; print(cnnkernels.get_backend())", CNNKERNELS_BACKEND="torch")
+    assert done.stdout.strip() == "torch", done.stderr
+    done = _python("import cnnkernels", CNNKERNELS_BACKEND="fastest")
+    assert done.returncode != 0 and "unknown backend 'fastest'" in done.stderr
+
+
+def test_triton_on_cpu_without_the_interpreter_says_how():
+    done = _python("import torch, cnnkernels\n"
+                   "with cnnkernels.use_backend('triton'):\n"
+                   "    cnnkernels.add_relu(torch.ones(2), torch.ones(2))")
+    assert done.returncode != 0 and "TRITON_INTERPRET=1" in done.stderr, done.stderr
+
+
+def test_extension_built_for_another_torch_is_not_loaded():
+    done = _python(
+        "import sys, types\n"
+        "sys.modules['cnnkernels._build_info'] = types.SimpleNamespace(TORCH_VERSION='1.0.0', CUDA_ARCHS='')\n"
+        "import torch, cnnkernels\n"
+        "x = torch.randn(1, 2, 5, 5); w = torch.randn(3, 2, 3, 3)\n"
+        "with cnnkernels.use_backend('torch'):\n"
+        "    assert cnnkernels.conv2d_relu(x, w).shape == (1, 3, 3, 3)\n"
+        "print('backends', cnnkernels.available_backends('cpu'))\n"
+        "with cnnkernels.use_backend('cuda'):\n"
+        "    cnnkernels.conv2d_relu(x, w)\n", TRITON_INTERPRET="1")
+    assert "backends ['auto', 'torch', 'triton']" in done.stdout, done.stderr
+    assert "built for torch 1.0.0, running torch " + torch.__version__ in done.stderr, done.stderr
+
+
+# --- modules --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [dict(padding=1), dict(padding="same", bias=False),
+                                    dict(stride=2, padding=2, padding_mode="reflect"), dict(groups=2, dilation=2)],
+                         ids=str)
+def test_conv2d_relu_module_is_a_drop_in_conv2d(kwargs):
+    ours = cnnkernels.nn.Conv2dReLU(4, 6, 3, **kwargs)
+    conv = nn.Conv2d(4, 6, 3, **kwargs)
+    assert isinstance(ours, nn.Conv2d)
+    assert ours.state_dict().keys() == conv.state_dict().keys()
+    conv.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 4, 9, 9)
+    assert torch.allclose(ours(x), torch.relu(conv(x)), atol=1e-5)
+    ours(x).sum().backward()
+    assert ours.weight.grad is not None and ours.weight.grad.abs().sum() > 0
+
+
+def test_add_relu_module():
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    assert torch.equal(cnnkernels.nn.AddReLU()(a, b), torch.relu(a + b))
+
+
+# --- opcheck and gradcheck ------------------------------------------------------------------
+
+def _op_samples(device, dtype=torch.float32, requires_grad=False):
+    def t(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, requires_grad=requires_grad)
+    x_cl = torch.randn(2, 4, 7, 7, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    return [
+        ("conv2d_relu", (t(2, 4, 7, 7), t(6, 4, 3, 3), t(6), [1, 1], [1, 1], [1, 1], 1)),
+        ("conv2d_relu", (x_cl.requires_grad_(requires_grad), t(6, 2, 3, 3), None, [2, 1], [0, 1], [1, 2], 2)),
+        ("conv2d_add_relu", (t(2, 4, 7, 7), t(6, 4, 3, 3), t(2, 6, 7, 7), t(6), [1, 1], [1, 1], [1, 1], 1)),
+        ("add_relu", (t(3, 4, 5, 6), t(3, 4, 5, 6))),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_cpp_ops(device):
+    for name, args in _op_samples(device, requires_grad=True):
+        torch.library.opcheck(getattr(torch.ops.cnnkernels, name).default, args)
+
+
+def test_opcheck_triton_ops_on_gpu():
+    cuda_or_skip()  # under the CPU interpreter opcheck cannot run Triton on fake tensors
+    import cnnkernels.triton_ops  # noqa: F401  registers the ops
+    for name, args in _op_samples("cuda", requires_grad=True):
+        torch.library.opcheck(getattr(torch.ops.cnnkernels, name + "_triton").default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_in_float64(backend, device):
+    def t(*shape):
+        return torch.randn(*shape, device=device, dtype=torch.float64, requires_grad=True)
+    x, w, b, r = t(1, 2, 4, 4), t(3, 2, 2, 2), t(3), t(1, 3, 3, 3)
+    a, other = t(2, 3), t(2, 3)
+    with cnnkernels.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda *p: cnnkernels.conv2d_relu(*p, stride=(1, 2), padding=1),
+                                        (x, w, b))
+        assert torch.autograd.gradcheck(lambda *p: cnnkernels.conv2d_add_relu(p[0], p[1], p[3], p[2], padding=(0, 1),
+                                                                              stride=(1, 2)), (x, w, b, r))
+        assert torch.autograd.gradcheck(cnnkernels.add_relu, (a, other))

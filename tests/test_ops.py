@@ -1,0 +1,230 @@
+"""Every op on every backend against a float64 PyTorch reference, over the geometry grid."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cnnkernels
+from conftest import (BACKENDS, DEVICES, HAVE_CUDA, assert_matches_reference, cuda_or_skip,
+                      memory_format_of, poisoned_outputs)
+
+# (N, C, H, W, K, kernel, stride, padding, dilation, groups)
+CASES = {
+    "1x1": (2, 5, 6, 7, 3, (1, 1), 1, 0, 1, 1),
+    "3x3": (2, 3, 8, 8, 7, (3, 3), 1, 1, 1, 1),
+    "5x5_s2": (1, 4, 11, 9, 6, (5, 5), 2, 2, 1, 1),
+    "7x7_s2_stem": (1, 3, 15, 13, 5, (7, 7), 2, 3, 1, 1),
+    "11x11_s4": (1, 3, 23, 23, 4, (11, 11), 4, 2, 1, 1),
+    "3x1": (2, 4, 7, 6, 5, (3, 1), 1, (1, 0), 1, 1),
+    "1x5_s12": (1, 3, 6, 10, 4, (1, 5), (1, 2), (0, 2), 1, 1),
+    "3x3_s4": (1, 3, 13, 13, 5, (3, 3), 4, 1, 1, 1),
+    "dilation2": (1, 4, 9, 9, 4, (3, 3), 1, 2, 2, 1),
+    "groups2": (2, 6, 7, 7, 4, (3, 3), 1, 1, 1, 2),
+    "depthwise": (1, 5, 8, 8, 5, (3, 3), 1, 1, 1, 5),
+    "same_even": (1, 3, 7, 6, 4, (4, 2), 1, "same", 1, 1),
+    "valid_s2": (1, 3, 9, 9, 3, (3, 3), 2, "valid", 1, 1),
+    "odd_channels_s2": (1, 7, 9, 9, 9, (3, 3), 2, 1, 1, 1),
+}
+LAYOUTS = ["nchw", "channels_last", "sliced"]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def seeded():
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    print(f"seed {seed}")
+
+
+def in_layout(t, layout):
+    """`t`'s values as an NCHW, channels_last or sliced (non-contiguous) tensor."""
+    if layout == "nchw":
+        return t.contiguous()
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = t.shape
+    big = torch.full((n, c + 3, h + 1, w + 2), float("nan"), dtype=t.dtype, device=t.device)
+    big = big.contiguous(memory_format=torch.channels_last)
+    view = big[:, 1:c + 1, :h, 2:]
+    view.copy_(t)
+    return view
+
+
+def make_conv(case, dtype, device, layout):
+    n, c, h, w, k, (r, s), stride, padding, dilation, groups = CASES[case]
+    x = in_layout(torch.randn(n, c, h, w, device=device).to(dtype), layout)
+    weight = torch.randn(k, c // groups, r, s, device=device).div_((c // groups * r * s) ** 0.5).to(dtype)
+    bias = torch.randn(k, device=device).to(dtype)
+    return x, weight, bias, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def reference(x, weight, bias, geometry, residual=None, dtype=torch.float64):
+    out = F.conv2d(x.to(dtype), weight.to(dtype), bias.to(dtype), **geometry)
+    if residual is not None:
+        out = out + residual.to(dtype)
+    return torch.relu(out)
+
+
+def check_conv(backend, op, x, weight, bias, geometry, residual=None):
+    inputs = [t.clone() for t in (x, weight, bias) + ((residual,) if residual is not None else ())]
+    with cnnkernels.use_backend(backend), poisoned_outputs():
+        if residual is None:
+            out = cnnkernels.conv2d_relu(x, weight, bias, **geometry)
+        else:
+            out = cnnkernels.conv2d_add_relu(x, weight, residual, bias, **geometry)
+    assert_matches_reference(out, reference(x, weight, bias, geometry, residual),
+                             reference(x, weight, bias, geometry, residual, dtype=x.dtype))
+    assert memory_format_of(out) == memory_format_of(x.contiguous(memory_format=memory_format_of(x))) \
+        or out.is_contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
+    for before, after in zip(inputs, (x, weight, bias, residual)):
+        assert torch.equal(before.nan_to_num(0.5), after.nan_to_num(0.5)), "an input was modified"
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CASES)
+def test_conv2d_relu(case, layout, dtype, backend, device):
+    seeded()
+    x, weight, bias, geometry = make_conv(case, dtype, device, layout)
+    check_conv(backend, "conv2d_relu", x, weight, bias, geometry)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_conv2d_add_relu(case, dtype, backend, device):
+    seeded()
+    layout = LAYOUTS[list(CASES).index(case) % len(LAYOUTS)]
+    x, weight, bias, geometry = make_conv(case, dtype, device, layout)
+    out_shape = reference(x, weight, bias, geometry).shape
+    residual = in_layout(torch.randn(out_shape, device=device).to(dtype), LAYOUTS[::-1][list(CASES).index(case) % 3])
+    check_conv(backend, "conv2d_add_relu", x, weight, bias, geometry, residual)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layouts", [("nchw", "nchw"), ("channels_last", "channels_last"),
+                                     ("channels_last", "nchw"), ("sliced", "channels_last")])
+def test_add_relu(layouts, dtype, backend, device):
+    seeded()
+    shape = (3, 5, 7, 9)
+    a = in_layout(torch.randn(shape, device=device).to(dtype), layouts[0])
+    b = in_layout(torch.randn(shape, device=device).to(dtype), layouts[1])
+    a_before, b_before = a.clone(), b.clone()
+    with cnnkernels.use_backend(backend), poisoned_outputs():
+        out = cnnkernels.add_relu(a, b)
+    assert_matches_reference(out, torch.relu(a.double() + b.double()), torch.relu(a + b))
+    assert out.is_contiguous(memory_format=torch._prims_common.suggest_memory_format(a))
+    assert torch.equal(a, a_before) and torch.equal(b, b_before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates_through_relu(backend, device):
+    x, weight, bias, geometry = make_conv("3x3", torch.float32, device, "channels_last")
+    x[0, 1, 3, 4] = float("nan")
+    residual = torch.randn(reference(x, weight, bias, geometry).shape, device=device)
+    residual[1, 2, 5, 5] = float("nan")
+    residual[1, 3, 0, 0] = -float("inf")
+    out = check_conv(backend, "conv2d_add_relu", x, weight, bias, geometry, residual)
+    assert out.isnan().sum() > 1  # the NaN spread through the 3x3 window and was kept
+    a = torch.randn(4, 6, device=device)
+    a[1, 2] = float("nan")
+    with cnnkernels.use_backend(backend):
+        assert torch.equal(cnnkernels.add_relu(a, -a).isnan(), a.isnan())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_residual_and_other_may_alias_the_input(backend, device):
+    x = torch.randn(2, 6, 5, 5, device=device).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(6, 6, 1, 1, device=device) / 6**0.5
+    check_conv(backend, "conv2d_add_relu", x, weight, torch.randn(6, device=device),
+               dict(stride=1, padding=0, dilation=1, groups=1), residual=x)
+    with cnnkernels.use_backend(backend):
+        out = cnnkernels.add_relu(x, x)
+    assert torch.equal(out, torch.relu(x + x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [  # (N, C, H, W, K, kernel, stride, padding): ResNet-50 / VGG layers
+    (8, 64, 56, 56, 64, (3, 3), 1, 1), (8, 256, 56, 56, 64, (1, 1), 1, 0), (8, 3, 224, 224, 64, (7, 7), 2, 3),
+    (8, 512, 28, 28, 256, (1, 1), 2, 0), (4, 128, 112, 112, 128, (3, 3), 1, 1), (8, 512, 14, 14, 512, (3, 3), 1, 1)])
+def test_real_sizes_on_gpu(shape, dtype, backend):
+    cuda_or_skip()
+    seeded()
+    n, c, h, w, k, (r, s), stride, padding = shape
+    x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(k, c, r, s, device="cuda") / (c * r * s) ** 0.5).to(dtype)
+    bias = torch.randn(k, device="cuda", dtype=dtype)
+    geometry = dict(stride=stride, padding=padding, dilation=1, groups=1)
+    residual = torch.randn(reference(x, weight, bias, geometry, dtype=dtype).shape, device="cuda", dtype=dtype)
+    check_conv(backend, "conv2d_relu", x, weight, bias, geometry)
+    check_conv(backend, "conv2d_add_relu", x, weight, bias, geometry, residual.contiguous(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_output_past_2_to_the_31_elements(backend):
+    """A 4096x64x112x112 bf16 output (3.3e9 elements): 32-bit offsets would wrap."""
+    cuda_or_skip()
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs a GPU with 40 GiB")
+    x = torch.randn(4096, 16, 112, 112, device="cuda", dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    weight = torch.randn(64, 16, 1, 1, device="cuda", dtype=torch.bfloat16) / 4
+    bias = torch.randn(64, device="cuda", dtype=torch.bfloat16)
+    with cnnkernels.use_backend(backend):
+        out = cnnkernels.conv2d_relu(x, weight, bias)
+        residual = out.clone()
+        out2 = cnnkernels.conv2d_add_relu(x, weight, residual, bias)
+        summed = cnnkernels.add_relu(out, residual)
+    assert out.numel() > 2**31
+    for i in (0, 2047, 4095):  # images whose elements sit below and above offset 2**31
+        ref = reference(x[i:i + 1], weight, bias, dict(stride=1, padding=0, dilation=1, groups=1))
+        assert_matches_reference(out[i:i + 1], ref, torch.relu(F.conv2d(x[i:i + 1], weight, bias)))
+        assert torch.equal(summed[i], torch.relu(out[i] + residual[i]))
+        assert_matches_reference(out2[i:i + 1], torch.relu(ref + residual[i:i + 1].double()),
+                                 torch.relu(F.conv2d(x[i:i + 1], weight, bias) + residual[i:i + 1]))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_fp16_and_tf32_on_gpu(backend):
+    cuda_or_skip()
+    for dtype, tf32 in [(torch.float16, False), (torch.float32, True), (torch.float32, False)]:
+        x, weight, bias, geometry = make_conv("3x3", dtype, "cuda", "channels_last")
+        old = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        try:
+            check_conv(backend, "conv2d_relu", x, weight, bias, geometry)
+        finally:
+            torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda", "auto"])
+def test_cuda_graph_capture_after_warmup(backend):
+    cuda_or_skip()
+    x, weight, bias, geometry = make_conv("3x3", torch.bfloat16, "cuda", "channels_last")
+    residual = torch.randn(reference(x, weight, bias, geometry).shape, device="cuda", dtype=torch.bfloat16)
+    with cnnkernels.use_backend(backend):
+        def step():
+            y = cnnkernels.conv2d_add_relu(x, weight, residual, bias, **geometry)
+            return cnnkernels.add_relu(y, residual)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            eager = step()  # warm-up: compiles and tunes outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, step())
+        assert not torch.equal(captured, eager)
