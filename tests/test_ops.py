@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import cnnkernels
-from conftest import (BACKENDS, DEVICES, HAVE_CUDA, assert_matches_reference, cuda_or_skip,
-                      memory_format_of, poisoned_outputs)
+from conftest import BACKENDS, DEVICES, assert_matches_reference, memory_format_of, poisoned_outputs
 
 # (N, C, H, W, K, kernel, stride, padding, dilation, groups)
 CASES = {
@@ -151,13 +150,13 @@ def test_residual_and_other_may_alias_the_input(backend, device):
     assert torch.equal(out, torch.relu(x + x))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", [  # (N, C, H, W, K, kernel, stride, padding): ResNet-50 / VGG layers
     (8, 64, 56, 56, 64, (3, 3), 1, 1), (8, 256, 56, 56, 64, (1, 1), 1, 0), (8, 3, 224, 224, 64, (7, 7), 2, 3),
     (8, 512, 28, 28, 256, (1, 1), 2, 0), (4, 128, 112, 112, 128, (3, 3), 1, 1), (8, 512, 14, 14, 512, (3, 3), 1, 1)])
 def test_real_sizes_on_gpu(shape, dtype, backend):
-    cuda_or_skip()
     seeded()
     n, c, h, w, k, (r, s), stride, padding = shape
     x = torch.randn(n, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -169,10 +168,10 @@ def test_real_sizes_on_gpu(shape, dtype, backend):
     check_conv(backend, "conv2d_add_relu", x, weight, bias, geometry, residual.contiguous(memory_format=torch.channels_last))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_output_past_2_to_the_31_elements(backend):
     """A 4096x64x112x112 bf16 output (3.3e9 elements): 32-bit offsets would wrap."""
-    cuda_or_skip()
     if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
         pytest.skip("needs a GPU with 40 GiB")
     x = torch.randn(4096, 16, 112, 112, device="cuda", dtype=torch.bfloat16).contiguous(
@@ -193,9 +192,9 @@ def test_output_past_2_to_the_31_elements(backend):
                                  torch.relu(F.conv2d(x[i:i + 1], weight, bias) + residual[i:i + 1]))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_fp16_and_tf32_on_gpu(backend):
-    cuda_or_skip()
     for dtype, tf32 in [(torch.float16, False), (torch.float32, True), (torch.float32, False)]:
         x, weight, bias, geometry = make_conv("3x3", dtype, "cuda", "channels_last")
         old = torch.backends.cudnn.allow_tf32
@@ -206,9 +205,9 @@ def test_fp16_and_tf32_on_gpu(backend):
             torch.backends.cudnn.allow_tf32 = old
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda", "auto"])
 def test_cuda_graph_capture_after_warmup(backend):
-    cuda_or_skip()
     x, weight, bias, geometry = make_conv("3x3", torch.bfloat16, "cuda", "channels_last")
     residual = torch.randn(reference(x, weight, bias, geometry).shape, device="cuda", dtype=torch.bfloat16)
     with cnnkernels.use_backend(backend):
