@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU check, in one call on an H100 or H200 with the machine's own torch:
+#   builds the extension for Hopper, runs the whole test suite with CUDA required, runs
+#   compute-sanitizer over the CUDA kernels, runs the benchmark suite's default GPU subset,
+#   and writes everything under $OUT (default ./gpu-out). About 8 minutes on an H100.
+# Usage: bash benchmarks/gpu_check.sh [--full]
+# Each step has its own time cap, so one slow step cannot eat the lease; the summary at the
+# end says which steps passed.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu-out}"
+mkdir -p "$OUT" "$OUT/work"
+LOG="$OUT/gpu_check.log"
+FULL="${1:-}"
+export PYTHONUNBUFFERED=1
+declare -a SUMMARY=()
+
+step() {  # step NAME SECONDS COMMAND...: runs with a time cap, logs, records the status
+  local name=$1 cap=$2; shift 2
+  local start=$SECONDS
+  echo "=== $name (cap ${cap}s): $*" | tee -a "$LOG"
+  timeout --kill-after=10 "$cap" "$@" >> "$LOG" 2>&1
+  local rc=$?
+  SUMMARY+=("$(printf '%-12s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - start))")")
+  echo "=== $name: rc=$rc in $((SECONDS - start))s" | tee -a "$LOG"
+  return $rc
+}
+
+{ date -u; nvidia-smi; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } >> "$LOG" 2>&1
+
+# Packages the GPU image lacks (nvidia-cutlass) travel as wheels in .whl/ (see README).
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >> "$LOG" 2>&1
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+step build 300 env TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 \
+  python3 -m pip install --no-build-isolation --no-deps -e . || { printf '%s\n' "${SUMMARY[@]}"; exit 1; }
+python3 -m cnnkernels.info 2>&1 | tee -a "$LOG"
+
+XDIST=""
+python3 -c "import xdist" 2> /dev/null && XDIST="-n 6"
+step tests 240 env CNNKERNELS_REQUIRE_CUDA=1 python3 -m pytest tests -q $XDIST -p no:cacheprovider \
+  --junitxml="$OUT/gpu-tests.xml"
+grep -E "passed|failed|error" "$LOG" | tail -n 3
+
+if command -v compute-sanitizer > /dev/null; then
+  step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    python3 -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -m memcheck
+fi
+
+BENCH_ARGS=(--out "$OUT/work/bench" --gpu-tests-report "$OUT/gpu-tests.xml")
+[ "$FULL" = "--full" ] && BENCH_ARGS+=(--full)
+step bench 300 python3 -m cnnkernels.bench "${BENCH_ARGS[@]}"
+
+# At most 8 files come back from the device machine: the key ones, plus one archive of all.
+cp "$OUT"/work/bench/*.json "$OUT/" 2> /dev/null
+cp "$OUT"/work/bench/*.md "$OUT/" 2> /dev/null
+tar -czf "$OUT/gpu_check.tar.gz" -C "$OUT" work gpu-tests.xml gpu_check.log 2> /dev/null
+rm -rf "$OUT/work"
+echo "=== summary"
+printf '%s\n' "${SUMMARY[@]}" | tee -a "$LOG"
