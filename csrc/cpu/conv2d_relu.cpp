@@ -52,9 +52,9 @@ at::Tensor conv2d_bias_act_cpu(const char* op, const at::Tensor& input, const at
   check_conv2d_args(op, input, weight, bias, residual, stride, padding, dilation, groups);
   const auto format = output_memory_format(input);
   const at::Tensor x = input.contiguous(format);
-  // oneDNN picks channels_last when either operand is: keep the weight in the input's format
-  // so the output comes out in it without a copy.
-  const at::Tensor w = weight.contiguous(format);
+  // oneDNN computes in channels_last when either operand is: an NCHW input needs an NCHW
+  // weight for its output to come out NCHW. A channels_last input takes either weight as is.
+  const at::Tensor w = format == at::MemoryFormat::Contiguous ? weight.contiguous() : weight;
   const at::Tensor r = residual.defined() ? residual.contiguous(format) : residual;
 
   at::Tensor out = onednn_takes(x)

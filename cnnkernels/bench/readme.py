@@ -1,0 +1,118 @@
+"""The README's performance section, in markdown, from the newest results file:
+
+    python -m cnnkernels.bench.readme [RESULTS_DIR_OR_JSON]   (default benchmarks/results)
+
+"Newest" is the latest summary.date, ties broken by file name. The text names the card and the
+file, and links the run's plots where they sit beside it.
+"""
+import json
+import sys
+from pathlib import Path
+
+from . import report
+
+DEFAULT_DIR = Path("benchmarks/results")
+
+
+def newest_results(where=DEFAULT_DIR):
+    where = Path(where)
+    if where.is_file():
+        return where
+    found = []
+    for path in where.glob("*.json"):
+        try:
+            summary = json.loads(path.read_text())["summary"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        found.append((summary.get("date", ""), path.name, path))
+    if not found:
+        raise FileNotFoundError(f"no results JSON with a summary under {where}")
+    return max(found)[2]
+
+
+def _ms(r):
+    return f"{r['ms_p50']:.4g}" if r and r["status"] == "ok" else (r["status"] if r else "")
+
+
+def markdown(path):
+    path = Path(path)
+    data = json.loads(path.read_text())
+    s, records, meta = data["summary"], data["records"], data.get("meta", {})
+    device = meta.get("config", {}).get("device") or ("cpu" if s["cudnn"] == "n/a" else "cuda")
+    basis = meta.get("summary_basis", {})
+    batch = basis.get("batch", report.SUMMARY_BATCH)
+    peaks = meta.get("peaks") or {}
+    out = [f"Measured on **{s['device']}** on {s['date']} (torch {s['torch']}, Triton {s['triton']}, "
+           f"cuDNN {s['cudnn']}, commit `{s['commit']}`): {s['dtype']}, channels_last, layers at batch {batch}. "
+           f"Results: [`{path.as_posix()}`]({path.as_posix()}).", ""]
+    if peaks:
+        flops = peaks.get("matmul_flops", {}).get(s["dtype"])
+        out += [f"Peaks measured in the same run: {s['dtype']} matmul {flops / 1e12:.4g} TFLOP/s, "
+                f"device copy {peaks['copy_bytes_per_s'] / 1e9:.4g} GB/s. Roofline fraction = "
+                "max(FLOPs / peak, minimum bytes / copy bandwidth) / measured time.", ""]
+    t = s["gpu_tests"]
+    out += [f"GPU tests in the same check: {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped.", ""]
+
+    if s["layers"]:
+        keys = report.LAYER_KEYS
+        out += ["| backend | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for backend, v in s["layers"].items():
+            out.append(f"| {backend} | " + " | ".join("-" if v[k] is None else f"{v[k]:.3g}" for k in keys) + " |")
+        out.append("")
+    if device == "cuda":
+        table = report.targets_markdown(report.targets(s, records, device))
+        if table:
+            out += ["Targets (issues 3 and 6):", "", table, ""]
+
+    if s["models"]:
+        contenders = list(dict.fromkeys(c for v in s["models"].values() for c in v))
+        out += ["| model@batch (images/s) | " + " | ".join(contenders) + " |", "|---" * (len(contenders) + 1) + "|"]
+        for name, v in s["models"].items():
+            out.append(f"| {name} | " + " | ".join(report.images(v[c]) if c in v else "-" for c in contenders) + " |")
+        out.append("")
+
+    layer = [r for r in records if r["section"] == "layer" and r["dtype"] == s["dtype"] and r["batch"] == batch]
+    if layer:
+        contenders = list(dict.fromkeys(r["contender"] for r in layer))
+        mine = [c for c in s["layers"] if c in contenders]
+        theirs = [c for c in contenders if c not in mine]
+        by_name = {}
+        for r in layer:
+            by_name.setdefault(r["name"], {})[r["contender"]] = r
+        head = ["layer", "count"] + [f"{c} ms" for c in contenders]
+        for b in mine:
+            head += [f"{b} vs {p}" for p in theirs] + [f"{b} roofline"]
+        out += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for name, by in by_name.items():
+            cells = [name, str(next(iter(by.values()))["count"])] + [_ms(by.get(c)) for c in contenders]
+            for b in mine:
+                m = by.get(b)
+                for p in theirs:
+                    q = by.get(p)
+                    ok = m and q and m["status"] == "ok" and q["status"] == "ok"
+                    cells.append(f"{q['ms_p50'] / m['ms_p50']:.2f}x" if ok else "")
+                cells.append(f"{100 * m['roofline_fraction']:.0f}%" if m and m["status"] == "ok" else "")
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+
+    stem = path.with_suffix("")
+    for suffix, what in (("speedup", "per-layer speedups"), ("roofline", "roofline"), ("models", "models")):
+        png = Path(f"{stem}-{suffix}.png")
+        if png.exists():
+            out.append(f"![{what}]({png.as_posix()})")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        path = newest_results(argv[0] if argv else DEFAULT_DIR)
+    except FileNotFoundError as error:
+        print(f"cnnkernels.bench.readme: {error}", file=sys.stderr)
+        return 1
+    print(markdown(path), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

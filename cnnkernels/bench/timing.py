@@ -1,0 +1,183 @@
+"""Timing: medians after warm-up, with the first call (compilation, autotuning, cuDNN's
+algorithm search) timed on its own and never mixed into the samples.
+
+GPU: CUDA events around each call. Before each call a spin kernel (torch.cuda._sleep) keeps the
+GPU busy while the CPU queues the call, so the events measure device time, not Python launch
+cost; at batch 1 every contender runs as a CUDA graph instead. Inputs rotate over several sets
+when one set would stay in L2.
+CPU: time.perf_counter around each call.
+"""
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .common import dtype_name
+
+
+@dataclass
+class Timing:
+    samples_ms: list
+    first_call_s: float
+    graph: bool = False
+    sets: int = 1
+    notes: list = field(default_factory=list)
+
+    def percentile(self, q):
+        s = sorted(self.samples_ms)
+        if len(s) == 1:
+            return s[0]
+        return statistics.quantiles(s, n=100, method="inclusive")[q - 1]
+
+    p20 = property(lambda self: self.percentile(20))
+    p50 = property(lambda self: statistics.median(self.samples_ms))
+    p80 = property(lambda self: self.percentile(80))
+
+
+def rotating_sets(working_set_bytes, l2_bytes, max_sets=64):
+    """How many input sets to rotate over so that one call's inputs are no longer in L2."""
+    if not l2_bytes or working_set_bytes > 2 * l2_bytes:
+        return 1
+    return max(2, min(max_sets, math.ceil(4 * l2_bytes / max(working_set_bytes, 1))))
+
+
+def _reps(per_call_ms, target_ms, min_reps, max_reps):
+    return int(min(max_reps, max(min_reps, target_ms / max(per_call_ms, 1e-4))))
+
+
+class CpuTimer:
+    device = "cpu"
+    l2_bytes = 0
+
+    def __init__(self, target_ms=300.0, min_reps=5, max_reps=100):
+        self.target_ms, self.min_reps, self.max_reps = target_ms, min_reps, max_reps
+
+    def time(self, fn, n_sets=1, graph=False):
+        """Times fn(i) for input set i. `graph` has no meaning on a CPU."""
+        start = time.perf_counter()
+        fn(0)
+        first = time.perf_counter() - start
+        warmup = []
+        while len(warmup) < 2 or (len(warmup) < 10 and sum(warmup) < self.target_ms / 4):
+            start = time.perf_counter()
+            fn(len(warmup) % n_sets)
+            warmup.append((time.perf_counter() - start) * 1e3)
+        samples = []
+        for i in range(_reps(min(warmup), self.target_ms, self.min_reps, self.max_reps)):
+            start = time.perf_counter()
+            fn(i % n_sets)
+            samples.append((time.perf_counter() - start) * 1e3)
+        return Timing(samples, first, sets=n_sets)
+
+
+class GpuTimer:
+    device = "cuda"
+
+    def __init__(self, target_ms=100.0, min_reps=10, max_reps=200):
+        self.target_ms, self.min_reps, self.max_reps = target_ms, min_reps, max_reps
+        self.l2_bytes = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0)
+        self._sleep = getattr(torch.cuda, "_sleep", None)
+        self._cycles_per_ms = self._calibrate_sleep() if self._sleep else 0
+
+    def _calibrate_sleep(self):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self._sleep(1000)  # loads the kernel
+        cycles = 2_000_000
+        start.record()
+        self._sleep(cycles)
+        end.record()
+        end.synchronize()
+        return cycles / max(start.elapsed_time(end), 1e-3)
+
+    def time(self, fn, n_sets=1, graph=False):
+        """Times fn(i) for input set i; with graph=True, replays of one CUDA graph that calls fn
+        once on every set."""
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(0)
+        torch.cuda.synchronize()
+        first = time.perf_counter() - start
+        notes = []
+        for i in range(max(n_sets, 3)):  # every set once (weights packed, shapes tuned), then steady
+            fn(i % n_sets)
+        torch.cuda.synchronize()
+
+        step, calls_per_step = (lambda i: fn(i % n_sets)), 1
+        if graph:
+            try:
+                step, calls_per_step = self._capture(fn, n_sets), n_sets
+            except Exception as error:  # noqa: BLE001 - recorded, then timed without a graph
+                torch.cuda.synchronize()
+                graph = False
+                notes.append(f"CUDA graph capture failed, timed without a graph: {error}"[:300])
+
+        # Estimate the device time per step and the CPU time to queue one.
+        host = time.perf_counter()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(3):
+            step(i)
+        end.record()
+        host_ms = (time.perf_counter() - host) * 1e3 / 3
+        end.synchronize()
+        device_ms = start.elapsed_time(end) / 3
+        reps = _reps(device_ms, self.target_ms, self.min_reps, self.max_reps)
+        pad_cycles = int(1.5 * host_ms * self._cycles_per_ms) + 1000
+
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for i in range(reps):
+            if self._sleep:
+                self._sleep(pad_cycles)
+            starts[i].record()
+            step(i)
+            ends[i].record()
+        torch.cuda.synchronize()
+        samples = [s.elapsed_time(e) / calls_per_step for s, e in zip(starts, ends)]
+        return Timing(samples, first, graph=graph, sets=n_sets, notes=notes)
+
+    @staticmethod
+    def _capture(fn, n_sets):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up on a side stream, as graph capture asks
+            for i in range(3):
+                fn(i % n_sets)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for i in range(n_sets):
+                fn(i)
+        torch.cuda.synchronize()
+        return lambda i: g.replay()
+
+
+def make_timer(device, target_ms=None):
+    if device == "cuda":
+        return GpuTimer(target_ms or 100.0)
+    return CpuTimer(target_ms or 300.0)
+
+
+def _matmul_flops(timer, n, dtype, gen):
+    a = torch.randn(n, n, device=timer.device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=timer.device, dtype=dtype, generator=gen)
+    return 2 * n ** 3 / (timer.time(lambda i: torch.mm(a, b)).p50 * 1e-3)
+
+
+def measure_peaks(timer, dtypes, quick=False):
+    """The roofline's two ceilings, measured here and now: a large matmul per dtype (FLOP/s) and a
+    large copy (bytes read + written per second)."""
+    device = timer.device
+    gen = torch.Generator(device=device).manual_seed(0)
+    n = 8192 if device == "cuda" else (1024 if quick else 2048)
+    peaks = {"matmul_n": n, "matmul_flops": {dtype_name(d): _matmul_flops(timer, n, d, gen) for d in dtypes}}
+    numel = (1 << 28) if device == "cuda" else ((8 << 20) if quick else (32 << 20))  # fp32 elements
+    src = torch.randn(numel, device=device, generator=gen)
+    dst = torch.empty_like(src)
+    t = timer.time(lambda i: dst.copy_(src))
+    peaks["copy_bytes"] = 2 * src.numel() * src.element_size()
+    peaks["copy_bytes_per_s"] = peaks["copy_bytes"] / (t.p50 * 1e-3)
+    return peaks

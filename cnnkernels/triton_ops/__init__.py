@@ -1,0 +1,45 @@
+"""Triton implementations of the cnnkernels ops, registered as torch.library triton_ops:
+cnnkernels::conv2d_relu_triton, cnnkernels::conv2d_add_relu_triton, cnnkernels::add_relu_triton.
+
+Import with TRITON_INTERPRET=1 set (before triton is first imported) to run them on CPU tensors.
+"""
+
+import torch
+
+from .._registration import register_autograd
+from . import add_relu as _add_relu, conv as _conv  # importing registers the ops
+from .add_relu import add_relu_unsupported_reasons
+from .conv import unsupported_reasons
+
+
+register_autograd(suffix="_triton")
+
+
+def conv2d_relu_triton(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    """relu(conv2d(...)); op-level arguments (4-D input, 2-int stride/padding/dilation)."""
+    return torch.ops.cnnkernels.conv2d_relu_triton(
+        input, weight, bias, list(stride), list(padding), list(dilation), groups
+    )
+
+
+def conv2d_add_relu_triton(
+    input, weight, residual, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1
+):
+    """relu(conv2d(...) + residual); residual has the output's shape."""
+    return torch.ops.cnnkernels.conv2d_add_relu_triton(
+        input, weight, residual, bias, list(stride), list(padding), list(dilation), groups
+    )
+
+
+def add_relu_triton(input, other):
+    """relu(input + other); same shape and dtype, output in input's memory format."""
+    return torch.ops.cnnkernels.add_relu_triton(input, other)
+
+
+__all__ = [
+    "conv2d_relu_triton",
+    "conv2d_add_relu_triton",
+    "add_relu_triton",
+    "unsupported_reasons",
+    "add_relu_unsupported_reasons",
+]

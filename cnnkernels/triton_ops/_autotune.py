@@ -1,0 +1,152 @@
+"""Per-shape autotuning of the Triton kernels, with results kept on disk across processes.
+
+Tuned configs live in ``$CNNKERNELS_CACHE_DIR/autotune.json`` (default
+``~/.cache/cnnkernels/autotune.json``), keyed by kernel, GPU name, triton version and shape.
+``CNNKERNELS_AUTOTUNE=0`` turns tuning off: untuned shapes then use the first candidate.
+"""
+
+import functools
+import json
+import math
+import os
+import tempfile
+import threading
+import warnings
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+from . import _runtime
+
+
+class Config(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+def cache_path() -> str:
+    root = os.environ.get("CNNKERNELS_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "cnnkernels")
+    return os.path.join(root, "autotune.json")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_facts(index: int):
+    major, minor = torch.cuda.get_device_capability(index)
+    return torch.cuda.get_device_name(index), major, minor
+
+
+def device_facts(device: torch.device):
+    """(name, capability major, minor) of a CUDA device, looked up once per device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_facts(index)
+
+
+def is_hopper(device: torch.device) -> bool:
+    return device_facts(device)[1] == 9
+
+
+def pow2_at_least(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << max(0, math.ceil(math.log2(max(1, n)))))
+
+
+class Tuner:
+    """Picks the fastest config per key; remembers it in memory and in the JSON file."""
+
+    def __init__(self, kernel_name: str):
+        self.kernel_name = kernel_name
+        self._memory: dict = {}
+        self._lock = threading.Lock()
+
+    def _full_key(self, device: torch.device, key: tuple) -> str:
+        name, major, minor = device_facts(device)
+        return f"{self.kernel_name}|{name}|sm{major}{minor}|triton{_runtime.triton_version()}|{key!r}"
+
+    def pick(
+        self,
+        device: torch.device,
+        key: tuple,
+        candidates: Sequence[Config],
+        bench: Callable[[Config], float],
+        can_run: bool,
+    ) -> Config:
+        """The tuned config for `key`, tuning now if needed and allowed.
+
+        `bench(config)` must time the kernel on scratch buffers. `can_run` is False for fake
+        tensors (torch.compile tracing), which get the cached choice or the first candidate.
+        """
+        full_key = self._full_key(device, key)
+        with self._lock:
+            if full_key in self._memory:
+                return self._memory[full_key]
+            stored = _disk_entries().get(full_key)
+            if stored is not None:
+                config = Config(*stored)
+                self._memory[full_key] = config
+                return config
+            if len(candidates) == 1 or not can_run or not _runtime.env_flag("CNNKERNELS_AUTOTUNE", True):
+                return candidates[0]
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    f"cnnkernels: {self.kernel_name} has no tuned config for this shape and cannot autotune "
+                    "during CUDA graph capture; warm up first (run the model once eagerly, outside capture) "
+                    "or set CNNKERNELS_AUTOTUNE=0"
+                )
+            timings = []
+            for config in candidates:
+                try:
+                    timings.append((bench(config), config))
+                except Exception:  # e.g. out of shared memory for this tile on this GPU
+                    continue
+            if not timings:
+                return candidates[0]
+            best = min(timings, key=lambda tc: tc[0])[1]
+            self._memory[full_key] = best
+            _write_disk(full_key, best)
+            return best
+
+
+def bench_ms(fn: Callable[[], None]) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+_disk_lock = threading.Lock()
+_disk_loaded: dict = {}  # cache_path() -> entries read from it, once per process
+
+
+def _disk_entries() -> dict:
+    path = cache_path()
+    if path not in _disk_loaded:
+        _disk_loaded[path] = _read_disk()
+    return _disk_loaded[path]
+
+
+def _read_disk() -> dict:
+    try:
+        with open(cache_path()) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_disk(full_key: str, config: Config) -> None:
+    """Merge one entry into the JSON file (atomic replace, so concurrent processes never see half a file)."""
+    path = cache_path()
+    with _disk_lock:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            data = _read_disk()
+            data[full_key] = list(config)
+            _disk_entries()[full_key] = list(config)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".autotune-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=0, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError as e:
+            warnings.warn(f"cnnkernels: could not save autotune results to {path}: {e}")

@@ -1,0 +1,135 @@
+"""Facts about where and how the Triton kernels run: interpreter, fake tensors, devices, TF32."""
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+try:
+    from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
+except ImportError:  # pragma: no cover - very old triton
+    _InterpretedFunction = ()
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def is_interpreted(kernel) -> bool:
+    """True when `kernel` was decorated while TRITON_INTERPRET=1 (it then runs on the CPU)."""
+    return isinstance(kernel, _InterpretedFunction)
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    """Fake, meta or functional-over-fake tensors: shape propagation only, no data."""
+    if t.device.type == "meta":
+        return True
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+
+    return _is_fake(t)
+
+
+def should_launch(kernel, *tensors) -> bool:
+    """Whether the op body may launch `kernel` on these tensors.
+
+    Meta tensors never launch. On the GPU, `wrap_triton` turns the launch into a higher-order op
+    that does nothing on fake tensors and is recorded by torch.compile, so we "launch". The
+    interpreter's kernels bypass that machinery and would really run on fake tensors, so there
+    we skip the launch for shape propagation, and refuse functional tracing rather than trace a
+    graph whose output is never written.
+    """
+    tensors = [t for t in tensors if t is not None]
+    if any(t.device.type == "meta" for t in tensors):
+        return False
+    if not is_interpreted(kernel) or not any(is_fake(t) for t in tensors):
+        return True
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if any(isinstance(t, FunctionalTensor) for t in tensors):
+        raise RuntimeError(
+            "cnnkernels: torch.compile/export of the Triton ops is not supported under "
+            "TRITON_INTERPRET=1 (the interpreter cannot run on traced tensors); use eager mode"
+        )
+    return False
+
+
+def hint(v) -> int:
+    """A concrete int for a possibly symbolic size (torch.compile tracing), without adding a guard."""
+    if isinstance(v, torch.SymInt):
+        h = v.node.hint
+        return int(h) if h is not None else 0
+    return int(v)
+
+
+def device_reasons(kernel, tensors, names) -> list:
+    """Why the Triton path cannot take tensors on these devices / of these dtypes (empty if it can)."""
+    reasons = []
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        found = ", ".join(sorted(str(d) for d in devices))
+        reasons.append(f"all tensors must be on the same device, found {found}")
+    for t, name in zip(tensors, names):
+        if t is None:
+            continue
+        if t.layout != torch.strided:
+            reasons.append(f"{name} has layout {t.layout}; only dense (strided) tensors are supported")
+        if t.dtype not in SUPPORTED_DTYPES:
+            reasons.append(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if len(dtypes) > 1:
+        reasons.append("all tensors must have the same dtype, found " + ", ".join(sorted(map(str, dtypes))))
+    for d in devices:
+        if d.type == "cuda":
+            if is_interpreted(kernel):
+                reasons.append("CUDA tensors are not supported while TRITON_INTERPRET=1 (the kernels run on the CPU)")
+        elif d.type == "cpu":
+            if not is_interpreted(kernel):
+                reasons.append("CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+        elif d.type != "meta":
+            reasons.append(f"device type {d.type!r} is not supported (CUDA only, or CPU under TRITON_INTERPRET=1)")
+    return reasons
+
+
+def device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device; make it the tensor's device."""
+    if t.device.type == "cuda" and not is_fake(t):
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def cudnn_conv_allows_tf32() -> bool:
+    """The flag cuDNN's convolutions obey: torch.backends.cudnn.allow_tf32, or the newer
+    torch.backends.cudnn.conv.fp32_precision (reading allow_tf32 raises when the two APIs were mixed)."""
+    try:
+        for precision in (
+            torch.backends.cudnn.conv.fp32_precision,
+            torch.backends.cudnn.fp32_precision,
+            torch.backends.fp32_precision,
+        ):
+            if precision != "none":
+                return precision == "tf32"
+        return False
+    except AttributeError:  # torch without the fp32_precision API
+        return bool(torch.backends.cudnn.allow_tf32)
+
+
+def env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+def triton_version() -> str:
+    return triton.__version__
+
+
+@triton.jit
+def store_cast(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """x.to(dtype), except that the interpreter's float32 -> bfloat16 cast truncates: round to
+    nearest even by hand there, as the GPU does."""
+    if INTERPRETED and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x.to(dtype)

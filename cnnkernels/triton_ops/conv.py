@@ -1,0 +1,543 @@
+"""conv2d + bias (+ residual) + ReLU as one Triton implicit-GEMM kernel over NHWC activations.
+
+GEMM view: rows are output pixels (N·OH·OW), columns are output channels of one group, and
+the reduction runs over kernel rows, kernel columns and the group's input channels. The
+epilogue adds bias and residual, applies ReLU, casts, and stores straight into the output's
+memory format, so the output is written once and never read back.
+
+Layouts the kernel wants:
+- activations with unit channel stride (NHWC, i.e. channels_last, sliced views included).
+  NCHW input is copied to channels_last once per call: one extra read and write of the
+  input. channels_last is the fast path; the output keeps the input's memory format.
+- weights with (R, S, C/groups) flattened, channel fastest, per output channel: that is a
+  channels_last weight, used as is. Other weights are copied to it on each call (see
+  `kernel_layout_weight` for why that copy is not cached).
+Depthwise convs (one input channel per group) use a separate elementwise kernel.
+"""
+
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._args import output_memory_format
+from . import _autotune, _runtime
+from ._runtime import store_cast
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fused_epilogue(
+    acc, offs_m, offs_k, M, K, OH, OW,
+    bias_ptr, stride_b,
+    res_ptr, srn, srk, srh, srw,
+    out_ptr, son, sok, soh, sow,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    """acc[m, k] (+ bias[k]) (+ residual) -> ReLU -> out, at strided NCHW-logical positions."""
+    m_ok = offs_m < M
+    k_ok = offs_k < K
+    n = offs_m // (OH * OW)
+    rem = offs_m - n * (OH * OW)
+    oh = rem // OW
+    ow = rem - oh * OW
+    n = n.to(tl.int64)
+    oh = oh.to(tl.int64)
+    ow = ow.to(tl.int64)
+    k64 = offs_k.to(tl.int64)
+    mask = m_ok[:, None] & k_ok[None, :]
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + k64 * stride_b, mask=k_ok, other=0.0)
+        acc = acc + b.to(acc.dtype)[None, :]
+    if HAS_RES:
+        r_off = (n * srn + oh * srh + ow * srw)[:, None] + (k64 * srk)[None, :]
+        r = tl.load(res_ptr + r_off, mask=mask, other=0.0)
+        acc = acc + r.to(acc.dtype)
+    # Not tl.maximum: `acc < 0` is False for NaN, so NaN passes through like torch.relu.
+    acc = tl.where(acc < 0, 0.0, acc)
+    o_off = (n * son + oh * soh + ow * sow)[:, None] + (k64 * sok)[None, :]
+    tl.store(out_ptr + o_off, store_cast(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+
+
+@triton.jit
+def _mma(a, b, acc, FMA_F64: tl.constexpr, INTERPRETED: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    if FMA_F64:
+        # float64 (gradcheck): a plain multiply-reduce, accumulated in float64.
+        acc += tl.sum(a[:, :, None].to(tl.float64) * b[None, :, :].to(tl.float64), axis=1)
+    else:
+        if INTERPRETED:
+            # The interpreter's tl.dot is wrong on bfloat16 operands (triton #11584) and
+            # inexact on float16 ones.
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if ALLOW_TF32:
+            acc = tl.dot(a, b, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _conv_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    H, W, OH, OW, M, Cg, Kg, R, S,
+    sxn, sxh, sxw,  # input strides; the channel stride is 1
+    swk,  # weight stride between output channels; (r, s, c) is flat with c fastest
+    stride_b,
+    srn, srk, srh, srw,
+    son, sok, soh, sow,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    PADDED: tl.constexpr,  # pad > 0: rows may read outside the image
+    FLAT_K: tl.constexpr,  # one reduction index over (r, s, c): for few channels per group
+    EVEN_C: tl.constexpr,  # Cg % BLOCK_K == 0: no channel mask
+    FMA_F64: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    INTERPRETED: tl.constexpr,  # work around interpreter quirks (dot operands, bf16 rounding)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Program -> (group, tile); tiles are ordered GROUP_M rows at a time for L2 reuse of inputs.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(Kg, BLOCK_N)
+    tiles = num_pid_m * num_pid_n
+    g = pid // tiles
+    pid = pid - g * tiles
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < Kg
+
+    n = offs_m // (OH * OW)
+    rem = offs_m - n * (OH * OW)
+    oh = rem // OW
+    ow = rem - oh * OW
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    # int64: activations can exceed 2**31 elements.
+    x_rows = x_ptr + (n.to(tl.int64) * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw + g * Cg)
+    w_cols = w_ptr + (g * Kg + offs_n).to(tl.int64) * swk
+
+    if FMA_F64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if FLAT_K:
+        KT = R * S * Cg
+        for k0 in range(0, KT, BLOCK_K):
+            kk = k0 + offs_c
+            k_ok = kk < KT
+            c = kk % Cg
+            rs = kk // Cg
+            r = rs // S
+            s = rs - r * S
+            dh = r * dil_h
+            dw = s * dil_w
+            a_ptrs = x_rows[:, None] + (dh.to(tl.int64) * sxh + dw.to(tl.int64) * sxw + c)[None, :]
+            a_mask = m_ok[:, None] & k_ok[None, :]
+            if PADDED:
+                ih = ih0[:, None] + dh[None, :]
+                iw = iw0[:, None] + dw[None, :]
+                a_mask = a_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            b = tl.load(w_cols[None, :] + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = _mma(a, b, acc, FMA_F64, INTERPRETED, ALLOW_TF32)
+    else:
+        # One flat loop over (r, s, channel block) so the compiler can pipeline it.
+        c_blocks = tl.cdiv(Cg, BLOCK_K)
+        for t in range(0, R * S * c_blocks):
+            rs = t // c_blocks
+            c = (t - rs * c_blocks) * BLOCK_K + offs_c
+            r = rs // S
+            s = rs - r * S
+            a_ptrs = x_rows[:, None] + ((r * dil_h).to(tl.int64) * sxh + (s * dil_w).to(tl.int64) * sxw) + c[None, :]
+            a_mask = m_ok[:, None]
+            if PADDED:
+                ih = ih0 + r * dil_h
+                iw = iw0 + s * dil_w
+                a_mask = a_mask & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
+            b_mask = n_ok[None, :]
+            if not EVEN_C:
+                a_mask = a_mask & (c < Cg)[None, :]
+                b_mask = b_mask & (c < Cg)[:, None]
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            b = tl.load(w_cols[None, :] + (rs * Cg + c)[:, None], mask=b_mask, other=0.0)
+            acc = _mma(a, b, acc, FMA_F64, INTERPRETED, ALLOW_TF32)
+
+    _fused_epilogue(
+        acc, offs_m, g * Kg + offs_n, M, (g + 1) * Kg, OH, OW,
+        bias_ptr, stride_b, res_ptr, srn, srk, srh, srw, out_ptr, son, sok, soh, sow,
+        HAS_BIAS, HAS_RES, INTERPRETED,
+    )
+
+
+@triton.jit
+def _conv_depthwise_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    H, W, OH, OW, M, K, Kg, R, S,
+    sxn, sxh, sxw,  # input strides; the channel stride is 1
+    swk, swr, sws,  # weight (K, 1, R, S) strides
+    stride_b,
+    srn, srk, srh, srw,
+    son, sok, soh, sow,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, PADDED: tl.constexpr, ACC_F64: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One input channel per group: out[., k] = sum_rs x[., k // Kg] * w[k, rs], elementwise FMAs."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    k_ok = offs_k < K
+    n = offs_m // (OH * OW)
+    rem = offs_m - n * (OH * OW)
+    oh = rem // OW
+    ow = rem - oh * OW
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_rows = x_ptr + (n.to(tl.int64) * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw)
+    cin = (offs_k // Kg).to(tl.int64)
+    w_rows = w_ptr + offs_k.to(tl.int64) * swk
+    if ACC_F64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for rs in range(0, R * S):
+        r = rs // S
+        s = rs - r * S
+        mask = m_ok[:, None] & k_ok[None, :]
+        if PADDED:
+            ih = ih0 + r * dil_h
+            iw = iw0 + s * dil_w
+            mask = mask & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
+        xv = tl.load(
+            x_rows[:, None] + ((r * dil_h).to(tl.int64) * sxh + (s * dil_w).to(tl.int64) * sxw) + cin[None, :],
+            mask=mask, other=0.0,
+        )
+        wv = tl.load(w_rows + r * swr + s * sws, mask=k_ok, other=0.0)
+        acc += xv.to(acc.dtype) * wv.to(acc.dtype)[None, :]
+    _fused_epilogue(
+        acc, offs_m, offs_k, M, K, OH, OW,
+        bias_ptr, stride_b, res_ptr, srn, srk, srh, srw, out_ptr, son, sok, soh, sow,
+        HAS_BIAS, HAS_RES, INTERPRETED,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Weight packing
+# ---------------------------------------------------------------------------------------
+
+
+def _weight_fits_kernel(w: torch.Tensor) -> bool:
+    """Per output channel, (r, s, c) must be one flat run with c fastest (a channels_last weight)."""
+    _, cg, r, s = w.shape
+    return (cg == 1 or w.stride(1) == 1) and (s == 1 or w.stride(3) == cg) and (r == 1 or w.stride(2) == s * cg)
+
+
+def kernel_layout_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight in the kernel's (K, R, S, C/groups) layout: channels_last weights (and 1x1
+    weights) as they are, others as one channels_last copy per call.
+
+    The copy is not cached across calls on purpose: a cache keyed by the weight's `_version`
+    returns stale weights after writes through `.data` (gradcheck's perturbations, older
+    training code), which do not bump the version. Keep weights channels_last
+    (`model.to(memory_format=torch.channels_last)`) and no copy is made.
+    """
+    return weight if _weight_fits_kernel(weight) else _pack(weight)
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return weight.detach().contiguous(memory_format=torch.channels_last)
+
+
+
+# ---------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------
+
+
+def _pair(name: str, value) -> List[int]:
+    value = list(value)
+    if len(value) != 2 or not all(isinstance(v, (int, torch.SymInt)) for v in value):
+        raise RuntimeError(f"expected {name} to be a list of 2 ints, but got {value}")
+    return value
+
+
+def _output_hw(h, w, kernel, stride, padding, dilation):
+    return tuple(
+        (size + 2 * p - d * (k - 1) - 1) // st + 1
+        for size, k, st, p, d in zip((h, w), kernel, stride, padding, dilation)
+    )
+
+
+def _check_args(input, weight, residual, bias, stride, padding, dilation, groups):
+    """Cheap checks in PyTorch's wording; the public front end validates more thoroughly."""
+    stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
+    if weight.dim() != 4:
+        raise RuntimeError(f"weight should have 4 dimensions (K, C/groups, R, S), but got {weight.dim()}")
+    if input.dim() != 4:
+        raise RuntimeError(
+            f"Expected 4-dimensional input for 4-dimensional weight {list(weight.shape)}, but got "
+            f"{input.dim()}-dimensional input of size {list(input.shape)} instead"
+        )
+    if groups <= 0:
+        raise RuntimeError("non-positive groups is not supported")
+    if any(s <= 0 for s in stride):
+        raise RuntimeError("non-positive stride is not supported")
+    if any(p < 0 for p in padding):
+        raise RuntimeError("negative padding is not supported")
+    if any(d <= 0 for d in dilation):
+        raise RuntimeError("dilation should be greater than zero")
+    k_out, cg, r, s = weight.shape
+    if input.size(1) != cg * groups:
+        raise RuntimeError(
+            f"Given groups={groups}, weight of size {list(weight.shape)}, expected input{list(input.shape)} "
+            f"to have {cg * groups} channels, but got {input.size(1)} channels instead"
+        )
+    if k_out % groups != 0:
+        raise RuntimeError(
+            f"Given groups={groups}, expected weight to be divisible by {groups} at dimension 0, "
+            f"but got weight of size {list(weight.shape)} instead"
+        )
+    padded = (input.size(2) + 2 * padding[0], input.size(3) + 2 * padding[1])
+    span = (dilation[0] * (r - 1) + 1, dilation[1] * (s - 1) + 1)
+    if padded[0] < span[0] or padded[1] < span[1]:
+        raise RuntimeError(
+            f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). "
+            f"Kernel size: ({span[0]} x {span[1]}). Kernel size can't be greater than actual input size"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.numel() != k_out):
+        raise RuntimeError(
+            f"Given weight of size {list(weight.shape)}, expected bias to be 1-dimensional with {k_out} "
+            f"elements, but got bias of size {list(bias.shape)} instead"
+        )
+    tensors = [("input", input), ("weight", weight), ("bias", bias), ("residual", residual)]
+    for name, t in tensors[1:]:
+        if t is not None and t.dtype != input.dtype:
+            raise RuntimeError(f"Input type ({input.dtype}) and {name} type ({t.dtype}) should be the same")
+        if t is not None and t.device != input.device:
+            raise RuntimeError(
+                "Expected all tensors to be on the same device, but found at least two devices, "
+                f"{input.device} and {t.device}!"
+            )
+    if input.dtype not in _runtime.SUPPORTED_DTYPES:
+        raise RuntimeError(f"conv2d (Triton) does not support dtype {input.dtype}")
+    out_hw = _output_hw(input.size(2), input.size(3), (r, s), stride, padding, dilation)
+    out_shape = (input.size(0), k_out, *out_hw)
+    if residual is not None and tuple(residual.shape) != out_shape:
+        raise RuntimeError(
+            f"residual must have the output's shape {list(out_shape)}, but got {list(residual.shape)}"
+        )
+    return stride, padding, dilation, out_shape
+
+
+def unsupported_reasons(input, weight, bias=None, residual=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    """Why the Triton conv cannot run this case (empty list: it can). Arguments as in the op."""
+    reasons = _runtime.device_reasons(
+        _conv_gemm_kernel, (input, weight, bias, residual), ("input", "weight", "bias", "residual")
+    )
+    if input.dim() != 4 or weight.dim() != 4:
+        reasons.append("input and weight must be 4-D (the front end unsqueezes unbatched input)")
+    if len(list(padding)) != 2 or len(list(stride)) != 2 or len(list(dilation)) != 2:
+        reasons.append("stride, padding and dilation must be 2 ints each (symmetric padding)")
+    return reasons
+
+
+# ---------------------------------------------------------------------------------------
+# Launch
+# ---------------------------------------------------------------------------------------
+
+_gemm_tuner = _autotune.Tuner("conv2d_gemm")
+_depthwise_tuner = _autotune.Tuner("conv2d_depthwise")
+
+_C = _autotune.Config
+# First entry of each list is the untuned default. Fields: block m, n, k, group m, warps, stages.
+# Tiles whose fp32 accumulator needs more than 64 registers per thread spill once the fused
+# epilogue's addressing is added (checked in the SASS), so there are no 256-wide tiles.
+_HOPPER_16BIT = [  # wgmma: M multiple of 64 per warpgroup, K = 64 per stage
+    _C(128, 128, 64, 8, 8, 3), _C(128, 128, 64, 8, 8, 4), _C(128, 128, 32, 8, 8, 5), _C(128, 64, 64, 8, 4, 4),
+    _C(64, 128, 64, 8, 4, 4), _C(128, 64, 64, 8, 8, 4), _C(64, 64, 64, 8, 4, 4),
+]
+_OTHER_16BIT = [
+    _C(128, 128, 32, 8, 8, 4), _C(128, 128, 64, 8, 8, 3), _C(128, 64, 32, 8, 4, 4), _C(64, 128, 32, 8, 4, 4),
+    _C(64, 64, 32, 8, 4, 4), _C(64, 64, 64, 8, 4, 3),
+]
+_FP32 = [
+    _C(128, 128, 32, 8, 8, 3), _C(128, 64, 32, 8, 4, 4), _C(64, 128, 32, 8, 4, 4), _C(64, 64, 32, 8, 4, 3),
+]
+_FP64 = [_C(32, 32, 8, 8, 4, 2)]
+_INTERPRETER = _C(128, 64, 32, 8, 1, 1)  # big tiles: the interpreter pays per program and per op
+_DEPTHWISE = [_C(64, 64, 0, 0, 4, 1), _C(32, 128, 0, 0, 4, 1), _C(128, 32, 0, 0, 4, 1), _C(16, 256, 0, 0, 4, 1)]
+_DEPTHWISE_INTERPRETER = _C(128, 64, 0, 0, 1, 1)
+
+
+def _gemm_candidates(dtype, device, rows, kg, reduction, interpreted):
+    if interpreted:
+        configs = [_INTERPRETER]
+    elif dtype == torch.float64:
+        configs = _FP64
+    elif dtype == torch.float32:
+        configs = _FP32
+    else:
+        configs = _HOPPER_16BIT if _autotune.is_hopper(device) else _OTHER_16BIT
+    # Clamp tiles to the problem so tiny layers do not compute mostly padding; tl.dot needs >= 16.
+    cap_m, cap_n, cap_k = (_autotune.pow2_at_least(v) for v in (rows, kg, reduction))
+    if dtype == torch.float64:
+        cap_k = _autotune.pow2_at_least(reduction, floor=8)
+    clamped = []
+    for c in configs:
+        c = c._replace(block_m=min(c.block_m, cap_m), block_n=min(c.block_n, cap_n), block_k=min(c.block_k, cap_k))
+        if c not in clamped:
+            clamped.append(c)
+    return clamped
+
+
+def _depthwise_candidates(rows, k, interpreted):
+    configs = [_DEPTHWISE_INTERPRETER] if interpreted else _DEPTHWISE
+    cap_m, cap_n = _autotune.pow2_at_least(rows), _autotune.pow2_at_least(k)
+    clamped = []
+    for c in configs:
+        c = c._replace(block_m=min(c.block_m, cap_m), block_n=min(c.block_n, cap_n))
+        if c not in clamped:
+            clamped.append(c)
+    return clamped
+
+
+def _conv2d_fused(input, weight, residual, bias, stride, padding, dilation, groups):
+    stride, padding, dilation, out_shape = _check_args(
+        input, weight, residual, bias, stride, padding, dilation, groups
+    )
+    out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=output_memory_format(input))
+    if out.numel() == 0:
+        return out
+
+    # The kernels index channels with unit stride: NCHW (or other) input costs one copy here.
+    x = input if (input.size(1) == 1 or input.stride(1) == 1) else input.contiguous(memory_format=torch.channels_last)
+    n_img, c_in, h, w_ = x.shape
+    k_out, cg, r, s = weight.shape
+    kg = k_out // groups
+    _, _, oh, ow = out_shape
+    rows = n_img * oh * ow
+    interpreted = _runtime.is_interpreted(_conv_gemm_kernel)
+    launch_for_real = _runtime.should_launch(_conv_gemm_kernel, x, weight, bias, residual)
+    fake = any(_runtime.is_fake(t) for t in (x, weight, bias, residual) if t is not None)
+    padded = padding[0] > 0 or padding[1] > 0
+
+    # Unused pointer arguments get `x` (only ever read); HAS_BIAS / HAS_RES keep them untouched.
+    bias_arg = bias if bias is not None else x
+    res_arg = residual if residual is not None else x
+    res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    common = dict(
+        H=h, W=w_, OH=oh, OW=ow, M=rows, R=r, S=s,
+        sxn=x.stride(0), sxh=x.stride(2), sxw=x.stride(3),
+        stride_b=bias.stride(0) if bias is not None else 0,
+        srn=res_strides[0], srk=res_strides[1], srh=res_strides[2], srw=res_strides[3],
+        son=out.stride(0), sok=out.stride(1), soh=out.stride(2), sow=out.stride(3),
+        stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1],
+        dil_h=dilation[0], dil_w=dilation[1],
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, PADDED=padded, INTERPRETED=interpreted,
+    )
+    hint = _runtime.hint  # sizes may be symbolic under torch.compile; tile choice uses example values
+    shape_key = (
+        str(input.dtype).replace("torch.", ""), *map(hint, (n_img, c_in, h, w_, k_out, r, s)),
+        *map(hint, (*stride, *padding, *dilation, groups)), bias is not None, residual is not None,
+        *map(hint, x.stride()), *map(hint, out.stride()),
+    )
+
+    with _runtime.device_guard(x):
+        if cg == 1 and groups > 1:
+            def launch(config, dst):
+                grid = (triton.cdiv(rows, config.block_m), triton.cdiv(k_out, config.block_n))
+                torch.library.wrap_triton(_conv_depthwise_kernel)[grid](
+                    x, weight, bias_arg, res_arg, dst,
+                    K=k_out, Kg=kg, swk=weight.stride(0), swr=weight.stride(2), sws=weight.stride(3),
+                    ACC_F64=input.dtype == torch.float64,
+                    BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                    num_warps=config.num_warps, num_stages=config.num_stages, **common,
+                )
+
+            candidates = _depthwise_candidates(hint(rows), hint(k_out), interpreted)
+            tuner = _depthwise_tuner
+        else:
+            w_packed = kernel_layout_weight(weight)
+            flat_k = cg < 16
+            allow_tf32 = input.dtype == torch.float32 and not interpreted and _runtime.cudnn_conv_allows_tf32()
+
+            def launch(config, dst):
+                grid = (groups * triton.cdiv(rows, config.block_m) * triton.cdiv(kg, config.block_n),)
+                torch.library.wrap_triton(_conv_gemm_kernel)[grid](
+                    x, w_packed, bias_arg, res_arg, dst,
+                    Cg=cg, Kg=kg, swk=w_packed.stride(0),
+                    FLAT_K=flat_k, EVEN_C=cg % config.block_k == 0,
+                    FMA_F64=input.dtype == torch.float64,
+                    ALLOW_TF32=allow_tf32,
+                    BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                    GROUP_M=config.group_m,
+                    num_warps=config.num_warps, num_stages=config.num_stages, **common,
+                )
+
+            reduction = r * s * cg if flat_k else cg
+            candidates = _gemm_candidates(
+                input.dtype, input.device, hint(rows), hint(kg), hint(reduction), interpreted
+            )
+            tuner = _gemm_tuner
+            shape_key = shape_key + (allow_tf32,)
+
+        if len(candidates) == 1:
+            config = candidates[0]
+        else:
+            scratch = None
+
+            def bench(cfg):
+                nonlocal scratch
+                if scratch is None:
+                    scratch = torch.empty_like(out)  # tuning never writes the real output
+                return _autotune.bench_ms(lambda: launch(cfg, scratch))
+
+            config = tuner.pick(input.device, shape_key, candidates, bench, can_run=not fake)
+        if launch_for_real:
+            launch(config, out)
+    return out
+
+
+@torch.library.triton_op("cnnkernels::conv2d_relu_triton", mutates_args=())
+def conv2d_relu_triton(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+) -> torch.Tensor:
+    """relu(conv2d(input, weight, bias)) in one Triton kernel."""
+    return _conv2d_fused(input, weight, None, bias, stride, padding, dilation, groups)
+
+
+@torch.library.triton_op("cnnkernels::conv2d_add_relu_triton", mutates_args=())
+def conv2d_add_relu_triton(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+) -> torch.Tensor:
+    """relu(conv2d(input, weight, bias) + residual) in one Triton kernel."""
+    return _conv2d_fused(input, weight, residual, bias, stride, padding, dilation, groups)

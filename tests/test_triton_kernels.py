@@ -1,0 +1,497 @@
+"""Kernel-level tests of the Triton ops (cnnkernels.triton_ops).
+
+Without CUDA they run through Triton's interpreter on the CPU at small shapes; the GPU-only
+tests (real sizes, fp16, >2**31 elements, CUDA graphs, opcheck, torch.compile) skip there,
+unless CNNKERNELS_REQUIRE_CUDA=1 makes them fail instead. tests/test_ops.py runs the full API
+grid over the triton backend; this file covers what is specific to the kernels.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
+
+import pytest
+import torch.nn.functional as F
+
+from cnnkernels import triton_ops
+from cnnkernels._args import output_memory_format
+from cnnkernels.triton_ops import _autotune, conv
+
+HAS_CUDA = torch.cuda.is_available()
+REQUIRE_CUDA = os.environ.get("CNNKERNELS_REQUIRE_CUDA") == "1"
+requires_cuda = pytest.mark.skipif(not HAS_CUDA and not REQUIRE_CUDA, reason="needs a CUDA GPU")
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+# Error floor of the tolerance rule, relative to the reference's largest magnitude.
+FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def reference(x, w, b, stride, padding, dilation, groups, residual=None, dtype=torch.float64):
+    """relu(conv2d(...) [+ residual]) computed by PyTorch in `dtype`."""
+    cast = lambda t: None if t is None else t.to(dtype)
+    y = F.conv2d(cast(x), cast(w), cast(b), stride, padding, dilation, groups)
+    if residual is not None:
+        y = y + cast(residual)
+    return torch.relu(y)
+
+
+def assert_tolerance_rule(out, x, w, b, stride, padding, dilation, groups, residual=None):
+    """Our error vs float64 is at most 2x PyTorch's own error in the same dtype, plus a floor."""
+    ref = reference(x, w, b, stride, padding, dilation, groups, residual)
+    ours = (out.double() - ref).abs().max().item()
+    if x.dtype == torch.float64:
+        theirs = 0.0
+    else:
+        theirs = (reference(x, w, b, stride, padding, dilation, groups, residual, dtype=x.dtype).double() - ref).abs().max().item()
+    scale = max(1.0, ref.abs().max().item())
+    assert ours <= 2 * theirs + FLOOR[x.dtype] * scale, f"error {ours:.3g} vs PyTorch's {theirs:.3g} ({x.dtype})"
+
+
+def make_input(shape, dtype, layout, device=DEVICE, generator=None):
+    """A random NCHW-logical tensor stored as NCHW, channels_last, or a sliced (non-dense) view."""
+    n, c, h, w = shape
+    if layout == "sliced":  # every other channel and a crop of a bigger channels_last tensor
+        big = torch.randn(n, 2 * c, h + 3, w + 2, dtype=dtype, device=device, generator=generator)
+        return big.contiguous(memory_format=torch.channels_last)[:, ::2, 1 : h + 1, 2 : w + 2]
+    x = torch.randn(shape, dtype=dtype, device=device, generator=generator)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def expected_format(x):
+    return output_memory_format(x)
+
+
+# (N, C, H, W, K, (R, S), stride, padding, dilation, groups): one case per kernel path.
+CPU_CASES = [
+    pytest.param(2, 16, 9, 9, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, id="3x3-channel-loop-even"),
+    pytest.param(1, 20, 7, 7, 5, (3, 3), (1, 1), (1, 1), (1, 1), 1, id="3x3-channel-loop-masked-batch1"),
+    pytest.param(2, 3, 17, 15, 7, (3, 3), (2, 2), (1, 1), (1, 1), 1, id="3ch-flat-reduction-stride2"),
+    pytest.param(2, 48, 24, 24, 80, (1, 1), (1, 1), (0, 0), (1, 1), 1, id="1x1-gemm-9x2-tiles"),
+    pytest.param(3, 5, 10, 10, 9, (1, 1), (2, 2), (0, 0), (1, 1), 1, id="1x1-stride2-odd"),
+    pytest.param(1, 3, 35, 35, 8, (11, 11), (4, 4), (2, 2), (1, 1), 1, id="11x11-stride4"),
+    pytest.param(2, 12, 9, 11, 18, (3, 2), (2, 1), (1, 0), (1, 2), 3, id="nonsquare-grouped-dilated"),
+    pytest.param(2, 40, 6, 6, 32, (3, 3), (1, 1), (1, 1), (1, 1), 2, id="grouped-channel-loop"),
+    pytest.param(2, 7, 9, 9, 7, (3, 3), (1, 1), (1, 1), (1, 1), 7, id="depthwise"),
+    pytest.param(1, 6, 8, 10, 12, (5, 3), (1, 2), (2, 1), (2, 1), 6, id="depthwise-multiplier2"),
+    pytest.param(2, 4, 31, 27, 16, (7, 7), (2, 2), (3, 3), (1, 1), 1, id="7x7-stride2-multi-tile-m"),
+]
+
+
+@pytest.mark.parametrize("N,C,H,W,K,kernel,stride,padding,dilation,groups", CPU_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "sliced"])
+def test_conv_matches_float64(N, C, H, W, K, kernel, stride, padding, dilation, groups, dtype, layout):
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = make_input((N, C, H, W), dtype, layout, generator=g)
+    w = torch.randn(K, C // groups, *kernel, dtype=dtype, device=DEVICE, generator=g)
+    b = torch.randn(K, dtype=dtype, device=DEVICE, generator=g)
+    args = (list(stride), list(padding), list(dilation), groups)
+    out = triton_ops.conv2d_relu_triton(x, w, b, *args)
+    assert out.is_contiguous(memory_format=expected_format(x))
+    assert_tolerance_rule(out, x, w, b, *args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_conv_add_relu_other_dtypes(dtype, groups):
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    x = make_input((2, 8, 7, 7), dtype, "channels_last", generator=g)
+    w = torch.randn(12, 8 // groups, 3, 3, dtype=dtype, device=DEVICE, generator=g)
+    residual = torch.randn(2, 12, 7, 7, dtype=dtype, device=DEVICE, generator=g)  # NCHW, output is NHWC
+    args = ([1, 1], [1, 1], [1, 1], groups)
+    out = triton_ops.conv2d_add_relu_triton(x, w, residual, None, *args)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_tolerance_rule(out, x, w, None, *args, residual=residual)
+
+
+def test_residual_may_alias_input():
+    x = make_input((2, 8, 6, 6), torch.float32, "channels_last")
+    w = torch.randn(8, 8, 1, 1, device=DEVICE)
+    before = x.clone()
+    out = triton_ops.conv2d_add_relu_triton(x, w, x, None, [1, 1], [0, 0], [1, 1], 1)
+    assert torch.equal(x, before)
+    assert_tolerance_rule(out, x, w, None, [1, 1], [0, 0], [1, 1], 1, residual=x)
+
+
+@pytest.mark.parametrize("path", ["gemm", "flat", "depthwise"])
+def test_relu_propagates_nan_like_torch(path):
+    c, groups = {"gemm": (16, 1), "flat": (3, 1), "depthwise": (4, 4)}[path]
+    x = torch.randn(1, c, 6, 6, device=DEVICE)
+    x[0, 0, 2, 3] = float("nan")
+    w = torch.randn(4, c // groups, 3, 3, device=DEVICE)
+    b = torch.randn(4, device=DEVICE)
+    b[1] = float("nan")
+    residual = torch.randn(1, 4, 6, 6, device=DEVICE)
+    residual[0, 2, 0, 0] = float("nan")
+    residual[0, 3, 5, 5] = -float("inf")
+    out = triton_ops.conv2d_add_relu_triton(x, w, residual, b, [1, 1], [1, 1], [1, 1], groups)
+    expected = torch.relu(F.conv2d(x, w, b, 1, 1, 1, groups) + residual)
+    assert out[0, 1].isnan().all()  # relu(NaN) = NaN, where tl.maximum(x, 0) would give 0
+    assert torch.equal(out.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    torch.testing.assert_close(out[finite], expected[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        ((2, 20, 9, 9), (24, 20, 3, 3), 1, 1),  # gemm, masked channels
+        ((1, 6, 8, 8), (12, 2, 3, 3), 3, 2),  # grouped, flat reduction, stride 2
+        ((1, 6, 8, 8), (6, 1, 3, 3), 6, 1),  # depthwise
+    ],
+)
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_outputs_fully_written(geometry, layout):
+    """With uninitialized memory filled with NaN, any element the kernel misses stays NaN."""
+    xs, ws, groups, stride = geometry
+    x = make_input(xs, torch.float32, layout)
+    w = torch.randn(ws, device=DEVICE)
+    residual = torch.randn(xs[0], ws[0], (xs[2] - 1) // stride + 1, (xs[3] - 1) // stride + 1, device=DEVICE)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # torch.empty now fills floats with NaN
+    try:
+        assert torch.empty(4, device=DEVICE).isnan().all()
+        out = triton_ops.conv2d_add_relu_triton(x, w, residual, None, [stride] * 2, [1, 1], [1, 1], groups)
+        summed = triton_ops.add_relu_triton(residual, residual)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert not out.isnan().any()
+    assert not summed.isnan().any()
+
+
+def test_weight_writes_are_always_seen():
+    """Writes through .data bump no version counter: a weight cache would miss them."""
+    x = make_input((1, 8, 6, 6), torch.float32, "channels_last")
+    w = torch.randn(8, 8, 3, 3, device=DEVICE)  # NCHW weight: converted for the kernel
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    first = triton_ops.conv2d_relu_triton(x, w, None, *args)
+    w.data.mul_(-1)
+    second = triton_ops.conv2d_relu_triton(x, w, None, *args)
+    assert_tolerance_rule(second, x, w, None, *args)
+    assert not torch.equal(first, second)
+
+
+def test_kernel_layout_weights_are_not_copied(monkeypatch):
+    copies = []
+    monkeypatch.setattr(conv, "_pack", lambda w: copies.append(w) or w.contiguous(memory_format=torch.channels_last))
+    x = make_input((1, 8, 6, 6), torch.float32, "channels_last")
+    for w in (
+        torch.randn(8, 8, 3, 3, device=DEVICE).contiguous(memory_format=torch.channels_last),
+        torch.randn(8, 8, 1, 1, device=DEVICE),  # 1x1 NCHW weight is already (K, C) row-major
+    ):
+        out = triton_ops.conv2d_relu_triton(x, w, None, [1, 1], [0, 0], [1, 1], 1)
+        assert_tolerance_rule(out, x, w, None, [1, 1], [0, 0], [1, 1], 1)
+    assert copies == []
+    triton_ops.conv2d_relu_triton(x, torch.randn(8, 8, 3, 3, device=DEVICE), None, [1, 1], [0, 0], [1, 1], 1)
+    assert len(copies) == 1
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "mixed", "sliced", "1d-odd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_add_relu(layout, dtype):
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    shape = (2, 5, 7, 3)
+    a = torch.randn(shape, dtype=dtype, device=DEVICE, generator=g)
+    b = torch.randn(shape, dtype=dtype, device=DEVICE, generator=g)
+    if layout == "channels_last":
+        a, b = (t.contiguous(memory_format=torch.channels_last) for t in (a, b))
+    elif layout == "mixed":
+        a = a.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        a = make_input(shape, dtype, "sliced", generator=g)
+    elif layout == "1d-odd":
+        a, b = a.flatten()[:201], b.flatten()[:201]
+    a[(0,) * a.dim()] = float("nan")
+    out = triton_ops.add_relu_triton(a, b)
+    ref = torch.relu(a.double() + b.double())
+    assert out.dtype == dtype and out.is_contiguous(memory_format=expected_format(a))
+    assert torch.equal(out.isnan(), ref.isnan()) and out.isnan().any()
+    theirs = (torch.relu(a + b).double() - ref).nan_to_num().abs().max().item()
+    ours = (out.double() - ref).nan_to_num().abs().max().item()
+    assert ours <= 2 * theirs + FLOOR[dtype] * 4
+
+
+def test_add_relu_other_aliases_input():
+    a = torch.randn(3, 4, 5, 6, device=DEVICE)
+    out = triton_ops.add_relu_triton(a, a)
+    torch.testing.assert_close(out, torch.relu(2 * a))
+
+
+def test_fake_and_meta_tensors_give_shapes_without_launching():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = make_input((2, 8, 10, 10), torch.float32, "channels_last")
+    w = torch.randn(16, 8, 3, 3, device=DEVICE)
+    real = triton_ops.conv2d_relu_triton(x, w, None, [2, 2], [1, 1], [1, 1], 1)
+    with FakeTensorMode() as mode:
+        fake = triton_ops.conv2d_relu_triton(mode.from_tensor(x), mode.from_tensor(w), None, [2, 2], [1, 1], [1, 1], 1)
+        fake_sum = triton_ops.add_relu_triton(mode.from_tensor(x), mode.from_tensor(x))
+    assert (fake.shape, fake.stride()) == (real.shape, real.stride())
+    assert (fake_sum.shape, fake_sum.stride()) == (x.shape, x.stride())
+    meta = triton_ops.conv2d_relu_triton(x.to("meta"), w.to("meta"), None, [2, 2], [1, 1], [1, 1], 1)
+    assert meta.device.type == "meta" and meta.stride() == real.stride()
+
+
+def test_op_checks_raise_in_pytorch_wording():
+    x = torch.randn(1, 4, 8, 8, device=DEVICE)
+    with pytest.raises(RuntimeError, match="expected input.* to have 6 channels, but got 4 channels"):
+        triton_ops.conv2d_relu_triton(x, torch.randn(8, 3, 3, 3, device=DEVICE), None, [1, 1], [0, 0], [1, 1], 2)
+    with pytest.raises(RuntimeError, match="should be the same"):
+        triton_ops.conv2d_relu_triton(x, torch.randn(8, 4, 3, 3, device=DEVICE).double(), None, [1, 1], [0, 0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="Expected 4-dimensional input"):
+        triton_ops.conv2d_relu_triton(x[0], torch.randn(8, 4, 3, 3, device=DEVICE), None, [1, 1], [0, 0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="residual must have the output's shape"):
+        w = torch.randn(8, 4, 3, 3, device=DEVICE)
+        triton_ops.conv2d_add_relu_triton(x, w, x, None, [1, 1], [0, 0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="same shape"):
+        triton_ops.add_relu_triton(x, x[:, :2])
+
+
+def test_unsupported_reasons():
+    x = torch.randn(1, 4, 8, 8, device=DEVICE)
+    w = torch.randn(8, 4, 3, 3, device=DEVICE)
+    assert triton_ops.unsupported_reasons(x, w, None, None, [1, 1], [0, 0], [1, 1], 1) == []
+    assert any("dtype" in r for r in triton_ops.unsupported_reasons(x.int(), w.int()))
+    assert any("same dtype" in r for r in triton_ops.unsupported_reasons(x, w.double()))
+    assert triton_ops.add_relu_unsupported_reasons(x, x) == []
+    assert any("same shape" in r for r in triton_ops.add_relu_unsupported_reasons(x, x[0]))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-without-interpreter message")
+def test_cpu_without_interpreter_is_reported():
+    code = (
+        "import torch; from cnnkernels import triton_ops as t; x = torch.randn(1, 2, 4, 4); "
+        "print(t.unsupported_reasons(x, torch.randn(2, 2, 1, 1)))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "CPU tensors need TRITON_INTERPRET=1 set before triton is imported" in result.stdout
+
+
+def test_autotune_results_persist_and_capture_refuses_to_tune(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNKERNELS_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("CNNKERNELS_AUTOTUNE", raising=False)
+    monkeypatch.setattr(_autotune, "device_facts", lambda device: ("Test GPU", 9, 0))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    candidates = [_autotune.Config(64, 64, 32, 8, 4, 3), _autotune.Config(128, 128, 64, 8, 8, 3)]
+    timed = []
+
+    def bench(config):
+        timed.append(config)
+        return 1.0 / config.block_m  # the bigger tile "wins"
+
+    best = _autotune.Tuner("k").pick(torch.device("cuda"), ("shape", 1), candidates, bench, can_run=True)
+    assert best == candidates[1] and timed == candidates
+    assert os.path.exists(tmp_path / "autotune.json")
+
+    _autotune._disk_loaded.clear()  # as if in a new process
+    again = _autotune.Tuner("k").pick(torch.device("cuda"), ("shape", 1), candidates, bench, can_run=True)
+    assert again == best and len(timed) == 2  # read back from disk, not re-tuned
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="warm up first"):
+        _autotune.Tuner("k").pick(torch.device("cuda"), ("other shape",), candidates, bench, can_run=True)
+    # Fake tensors (torch.compile tracing) never tune: they get the cached or the default config.
+    assert _autotune.Tuner("k").pick(torch.device("cuda"), ("new",), candidates, bench, can_run=False) == candidates[0]
+
+
+def compile_for_hopper():
+    """Compile the main kernel variants for sm_90 with ptxas, no GPU needed; print what the PTX uses.
+
+    Run in a process without TRITON_INTERPRET (the interpreter's kernels cannot be compiled).
+    """
+    import json
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from cnnkernels.triton_ops import add_relu
+
+    def ptx(kernel, dtype, constexprs, config):
+        signature, attrs = {}, {}
+        for i, name in enumerate(kernel.arg_names):
+            if name in constexprs:
+                signature[name] = "constexpr"
+            else:  # what the launcher would specialize for typical sizes: 16-divisible values
+                signature[name] = "*" + dtype if name.endswith("_ptr") else "i32"
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=options)
+        return compiled.asm["ptx"]
+
+    unit = dict(sok=1, srk=1, stride_b=1)  # channels_last output and residual: ints equal to 1 become constexprs
+    flags = dict(HAS_BIAS=True, HAS_RES=True, PADDED=True, INTERPRETED=False)
+    gemm = dict(flags, **unit, FLAT_K=False, EVEN_C=True, FMA_F64=False, ALLOW_TF32=False, GROUP_M=8)
+    tiles = lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k)
+    hopper, fp32, fp64, dw = conv._HOPPER_16BIT[0], conv._FP32[0], conv._FP64[0], conv._DEPTHWISE[0]
+    variants = {
+        "gemm-bf16": (conv._conv_gemm_kernel, "bf16", dict(gemm, **tiles(hopper)), hopper),
+        "gemm-fp16-flat": (conv._conv_gemm_kernel, "fp16", dict(gemm, **tiles(hopper), FLAT_K=True, EVEN_C=False), hopper),
+        "gemm-fp32-tf32": (conv._conv_gemm_kernel, "fp32", dict(gemm, **tiles(fp32), ALLOW_TF32=True), fp32),
+        "gemm-fp32-ieee": (conv._conv_gemm_kernel, "fp32", dict(gemm, **tiles(fp32)), fp32),
+        "gemm-fp64": (conv._conv_gemm_kernel, "fp64", dict(gemm, **tiles(fp64), FMA_F64=True), fp64),
+        "depthwise-bf16": (conv._conv_depthwise_kernel, "bf16", dict(flags, **unit, ACC_F64=False, BLOCK_M=dw.block_m, BLOCK_N=dw.block_n), dw),
+        "add_relu-bf16": (add_relu._add_relu_kernel, "bf16", dict(BLOCK=add_relu._BLOCK, F64=False, INTERPRETED=False), conv._C(0, 0, 0, 0, add_relu._NUM_WARPS, 1)),
+    }
+    report = {}
+    for name, (kernel, dtype, constexprs, config) in variants.items():
+        code = ptx(kernel, dtype, constexprs, config)
+        report[name] = {"wgmma": "wgmma" in code, "ld.v4": "ld.global.v4" in code or "cp.async.cg.shared.global" in code}
+    print(json.dumps(report))
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Catches GPU-only compile errors (the interpreter never compiles) and checks the tensor-core path."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path.insert(0, {tests_dir!r}); import test_triton_kernels as t; t.compile_for_hopper()"
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=os.path.dirname(tests_dir), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(report) == {"gemm-bf16", "gemm-fp16-flat", "gemm-fp32-tf32", "gemm-fp32-ieee", "gemm-fp64", "depthwise-bf16", "add_relu-bf16"}
+    for name in ("gemm-bf16", "gemm-fp16-flat", "gemm-fp32-tf32"):
+        assert report[name]["wgmma"], f"{name} does not use wgmma"
+    assert not report["gemm-fp32-ieee"]["wgmma"]  # IEEE fp32 must not go through TF32 tensor cores
+    assert report["gemm-bf16"]["ld.v4"] and report["add_relu-bf16"]["ld.v4"]  # 16-byte accesses
+
+
+# ---------------------------------------------------------------------------------------
+# GPU only
+# ---------------------------------------------------------------------------------------
+
+GPU_CASES = [  # ResNet-50 / VGG-16 style layers at batch 8, plus odd ones
+    (8, 64, 56, 56, 64, (3, 3), 1, 1, 1, 1),
+    (8, 256, 56, 56, 64, (1, 1), 1, 0, 1, 1),
+    (8, 128, 56, 56, 128, (3, 3), 2, 1, 1, 1),
+    (8, 3, 224, 224, 64, (7, 7), 2, 3, 1, 1),
+    (8, 512, 14, 14, 512, (3, 3), 1, 1, 1, 1),
+    (8, 1024, 14, 14, 2048, (1, 1), 2, 0, 1, 1),
+    (4, 256, 28, 28, 256, (3, 3), 1, 2, 2, 32),
+    (4, 96, 28, 28, 96, (5, 5), 1, 2, 1, 96),
+    (3, 37, 31, 29, 53, (3, 5), 1, (1, 2), 1, 1),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_gpu_real_sizes(case, dtype, layout):
+    n, c, h, w_, k, kernel, stride, padding, dilation, groups = case
+    pair = lambda v: list(v) if isinstance(v, tuple) else [v, v]
+    x = make_input((n, c, h, w_), dtype, layout)
+    w = torch.randn(k, c // groups, *kernel, dtype=dtype, device="cuda") / (c // groups * kernel[0] * kernel[1]) ** 0.5
+    b = torch.randn(k, dtype=dtype, device="cuda")
+    args = (pair(stride), pair(padding), pair(dilation), groups)
+    residual = torch.randn_like(F.conv2d(x, w, b, *args))
+    out = triton_ops.conv2d_add_relu_triton(x, w, residual, b, *args)
+    assert out.is_contiguous(memory_format=expected_format(x))
+    assert_tolerance_rule(out, x, w, b, *args, residual=residual)
+
+
+@requires_cuda
+@pytest.mark.parametrize("tf32", [False, True])
+def test_gpu_fp32_follows_cudnn_tf32_flag(tf32):
+    x = make_input((4, 256, 28, 28), torch.float32, "channels_last")
+    w = torch.randn(256, 256, 3, 3, device="cuda") / 48
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):
+        out = triton_ops.conv2d_relu_triton(x, w, None, [1, 1], [1, 1], [1, 1], 1)
+        ref = reference(x, w, None, [1, 1], [1, 1], [1, 1], 1)
+        err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+        if tf32:
+            assert_tolerance_rule(out, x, w, None, [1, 1], [1, 1], [1, 1], 1)
+        else:
+            assert err < 1e-5  # IEEE fp32, not TF32 (which would be ~1e-3)
+
+
+@requires_cuda
+def test_gpu_output_over_2_pow_31_elements():
+    shape, k = (4096, 16, 112, 112), 64  # output 4096x64x112x112 = 3.3e9 elements
+    needed = 2 * (4096 * (16 + 2 * 64) * 112 * 112)  # input, output and one reference chunk, bf16
+    if torch.cuda.get_device_properties(0).total_memory < needed * 1.3:
+        pytest.skip("not enough GPU memory")
+    x = torch.randn(shape, dtype=torch.bfloat16, device="cuda").contiguous(memory_format=torch.channels_last)
+    w = torch.randn(k, 16, 1, 1, dtype=torch.bfloat16, device="cuda") / 4
+    out = triton_ops.conv2d_relu_triton(x, w, None, [1, 1], [0, 0], [1, 1], 1)
+    assert out.numel() > 2**31
+    for lo in (0, 2048, 4064):  # the tail is where 32-bit offsets would wrap
+        chunk = slice(lo, lo + 32)
+        assert_tolerance_rule(out[chunk], x[chunk], w, None, [1, 1], [0, 0], [1, 1], 1)
+
+
+@requires_cuda
+def test_gpu_cuda_graph_capture_after_warmup():
+    x = make_input((8, 64, 28, 28), torch.bfloat16, "channels_last")
+    w = torch.randn(64, 64, 3, 3, dtype=torch.bfloat16, device="cuda")  # NCHW: packed inside the graph
+    residual = torch.randn(8, 64, 28, 28, dtype=torch.bfloat16, device="cuda")
+    call = lambda: triton_ops.conv2d_add_relu_triton(x, w, residual, None, [1, 1], [1, 1], [1, 1], 1)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        eager = call()  # warm-up: tunes and compiles
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    x.normal_()
+    with torch.no_grad():
+        w.mul_(0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, call())
+    assert not torch.equal(captured, eager)
+
+
+@requires_cuda
+def test_gpu_capture_without_warmup_asks_to_warm_up(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNKERNELS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CNNKERNELS_AUTOTUNE", "1")
+    x = make_input((2, 40, 17, 17), torch.float16, "channels_last")  # a shape no other test tunes
+    w = torch.randn(24, 40, 3, 3, dtype=torch.float16, device="cuda").contiguous(memory_format=torch.channels_last)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="warm up first"):
+        with torch.cuda.graph(graph):
+            triton_ops.conv2d_relu_triton(x, w, None, [1, 1], [1, 1], [1, 1], 1)
+
+
+@requires_cuda
+def test_gpu_opcheck():
+    x = make_input((2, 16, 9, 9), torch.float16, "channels_last")
+    w = torch.randn(8, 16, 3, 3, dtype=torch.float16, device="cuda")
+    b = torch.randn(8, dtype=torch.float16, device="cuda")
+    residual = torch.randn(2, 8, 9, 9, dtype=torch.float16, device="cuda")
+    # Autograd for these ops is registered centrally (cnnkernels._autograd), not tested here.
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.cnnkernels.conv2d_relu_triton, (x, w, b, [1, 1], [1, 1], [1, 1], 1), test_utils=utils)
+    torch.library.opcheck(
+        torch.ops.cnnkernels.conv2d_add_relu_triton, (x, w, residual, b, [1, 1], [1, 1], [1, 1], 1), test_utils=utils
+    )
+    torch.library.opcheck(torch.ops.cnnkernels.add_relu_triton, (residual, residual), test_utils=utils)
+
+
+@requires_cuda
+def test_gpu_torch_compile_fullgraph():
+    x = make_input((2, 16, 9, 9), torch.bfloat16, "nchw")
+    w = torch.randn(8, 16, 3, 3, dtype=torch.bfloat16, device="cuda")
+    residual = torch.randn(2, 8, 9, 9, dtype=torch.bfloat16, device="cuda")
+
+    @torch.compile(fullgraph=True)
+    def f(x, w, residual):
+        y = torch.ops.cnnkernels.conv2d_add_relu_triton(x, w, residual, None, [1, 1], [1, 1], [1, 1], 1)
+        return torch.ops.cnnkernels.add_relu_triton(y, residual)
+
+    out = f(x, w, residual)
+    expected = triton_ops.add_relu_triton(triton_ops.conv2d_add_relu_triton(x, w, residual, None, [1, 1], [1, 1], [1, 1], 1), residual)
+    assert out.stride() == expected.stride()
+    torch.testing.assert_close(out, expected)
