@@ -10,10 +10,33 @@ Environment:
 """
 import glob
 import os
+import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
 
+
+
+def _set_cuda_home_from_nvcc():
+    # torch derives CUDA_HOME from where `nvcc` is on PATH, which misleads when that is a
+    # wrapper (/usr/local/bin/nvcc -> CUDA_HOME=/usr/local, without libcudart). nvcc itself
+    # says where its toolkit is: the TOP line of `nvcc --dryrun`.
+    nvcc = shutil.which("nvcc")
+    if "CUDA_HOME" in os.environ or "CUDA_PATH" in os.environ or not nvcc:
+        return
+    try:
+        lines = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                               capture_output=True, text=True,
+                               timeout=60).stderr.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return
+    for line in lines:
+        if line.startswith("#$ TOP="):
+            os.environ["CUDA_HOME"] = os.path.realpath(line.split("=", 1)[1].strip())
+
+
+_set_cuda_home_from_nvcc()
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

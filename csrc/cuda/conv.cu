@@ -1,0 +1,298 @@
+// conv2d + bias (+ residual) + ReLU on CUDA: the ops' CUDA entry points and the choice of kernel.
+//
+// bf16/fp16 convs go to the CUTLASS Hopper kernels (conv_cutlass_sm90.cuh) when the device is
+// sm_90, the build holds sm_90a code, and the conv fits them: groups == 1, out channels a
+// multiple of 8, stride <= 8 and CUTLASS's TMA im2col limits. They need channels_last-dense,
+// 16-byte-aligned tensors with in channels a multiple of 8, so other inputs are copied once into
+// that form (zero channels appended, e.g. 3 -> 8 for an RGB stem; an NCHW output copied back):
+// far cheaper than running such a conv on CUDA cores. Everything else, fp32 (IEEE, no TF32) and
+// fp64 included, runs the generic kernels of conv_generic.cuh.
+//
+// CNNKERNELS_CUDA_CONV (read on every call) picks the kernel for tests and benchmarks:
+// "auto" (default), "generic", or "cutlass" (raises NotImplementedError saying why when the
+// CUTLASS kernel cannot take the conv, instead of falling back).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "../conv_args.h"
+#include "common.cuh"
+#include "conv_cutlass_sm90.h"
+#include "conv_generic.cuh"
+#include "cuda_kernels.h"
+
+namespace cnnkernels {
+
+std::vector<std::string> cuda_kernel_names() {
+  std::vector<std::string> names = {"add_relu", "conv_implicit_gemm", "conv_direct"};
+#ifdef CNNKERNELS_WITH_CUTLASS
+  names.push_back("conv_cutlass_sm90_bf16");
+  names.push_back("conv_cutlass_sm90_fp16");
+#endif
+  return names;
+}
+
+namespace cuda {
+namespace {
+
+Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// `bias` is contiguous or undefined, `residual` any strides or undefined, `out` already allocated.
+void launch_conv_generic(const char* op, const ConvShape& s, const at::Tensor& input,
+                         const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& residual,
+                         const at::Tensor& out, cudaStream_t stream) {
+  GenericConvParams p{};
+  p.M = s.N * s.OH * s.OW;
+  p.N = static_cast<int>(s.N); p.C = static_cast<int>(s.C); p.H = static_cast<int>(s.H);
+  p.W = static_cast<int>(s.W); p.K = static_cast<int>(s.K); p.R = static_cast<int>(s.R);
+  p.S = static_cast<int>(s.S); p.OH = static_cast<int>(s.OH); p.OW = static_cast<int>(s.OW);
+  p.stride_h = static_cast<int>(s.stride_h); p.stride_w = static_cast<int>(s.stride_w);
+  p.pad_h = static_cast<int>(s.pad_h); p.pad_w = static_cast<int>(s.pad_w);
+  p.dil_h = static_cast<int>(s.dil_h); p.dil_w = static_cast<int>(s.dil_w);
+  p.groups = static_cast<int>(s.groups);
+  p.Cg = static_cast<int>(s.C / s.groups);
+  p.Kg = static_cast<int>(s.K / s.groups);
+  p.Kred = static_cast<int>(p.Cg * s.R * s.S);
+  p.in = strides_of(input);
+  p.wt = strides_of(weight);
+  p.res = residual.defined() ? strides_of(residual) : Strides4{0, 0, 0, 0};
+  p.out = strides_of(out);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv2d_relu_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* in_ptr = input.const_data_ptr<scalar_t>();
+    const scalar_t* wt_ptr = weight.const_data_ptr<scalar_t>();
+    const scalar_t* bias_ptr = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* res_ptr = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+    if (p.Cg == 1) {
+      const int64_t total = p.M * p.K;
+      const auto blocks =
+          static_cast<unsigned>(std::min<int64_t>((total + 255) / 256, int64_t{multiprocessor_count()} * 8));
+      if (out.is_contiguous(at::MemoryFormat::ChannelsLast) && !out.is_contiguous()) {
+        conv_direct_kernel<scalar_t, acc_t, true>
+            <<<blocks, 256, 0, stream>>>(p, in_ptr, wt_ptr, bias_ptr, res_ptr, out_ptr);
+      } else {
+        conv_direct_kernel<scalar_t, acc_t, false>
+            <<<blocks, 256, 0, stream>>>(p, in_ptr, wt_ptr, bias_ptr, res_ptr, out_ptr);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      const int64_t m_tiles = (p.M + igemm::BM - 1) / igemm::BM;
+      const int64_t gn_tiles = static_cast<int64_t>(p.groups) * ((p.Kg + igemm::BN - 1) / igemm::BN);
+      TORCH_CHECK(m_tiles <= std::numeric_limits<int32_t>::max(), op, ": output too large");
+      const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(std::min<int64_t>(gn_tiles, 65535)));
+      conv_igemm_kernel<scalar_t, acc_t>
+          <<<grid, igemm::kThreads, 0, stream>>>(p, in_ptr, wt_ptr, bias_ptr, res_ptr, out_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+enum class ConvKernelChoice { kAuto, kGeneric, kCutlass };
+
+ConvKernelChoice requested_kernel() {
+  const char* v = std::getenv("CNNKERNELS_CUDA_CONV");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return ConvKernelChoice::kAuto;
+  if (std::strcmp(v, "generic") == 0) return ConvKernelChoice::kGeneric;
+  if (std::strcmp(v, "cutlass") == 0) return ConvKernelChoice::kCutlass;
+  TORCH_CHECK(false, "CNNKERNELS_CUDA_CONV must be 'auto', 'generic' or 'cutlass', but got '", v, "'");
+}
+
+#ifdef CNNKERNELS_WITH_CUTLASS
+constexpr int kProbeSharedBytes = 4096;
+
+// Its static shared memory is kProbeSharedBytes in code compiled for sm_90a and none in code for
+// any other target (attributes may add the 1 KiB that sm_90 reserves per block, hence ">="). The runtime picks code for a device the same way for every kernel of the
+// extension, so reading the probe's attributes tells, without a launch or a sync, whether the
+// CUTLASS kernels on this device are the real wgmma kernels or CUTLASS's stubs.
+__global__ void sm90a_probe_kernel(int* out) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __shared__ int marker[kProbeSharedBytes / sizeof(int)];
+  marker[threadIdx.x] = static_cast<int>(threadIdx.x);
+  __syncthreads();
+  if (out != nullptr) out[threadIdx.x] = marker[threadIdx.x ^ 1u];
+#endif
+}
+
+bool sm90a_code_runs_on(int device) {
+  static std::mutex mutex;
+  static std::vector<int> cache;  // per device: -1 unknown, 0 no, 1 yes
+  std::lock_guard<std::mutex> lock(mutex);
+  if (static_cast<int>(cache.size()) <= device) cache.resize(device + 1, -1);
+  if (cache[device] < 0) {
+    const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
+    bool ok = prop->major == 9 && prop->minor == 0;
+    if (ok) {
+      cudaFuncAttributes attr{};
+      ok = cudaFuncGetAttributes(&attr, sm90a_probe_kernel) == cudaSuccess &&
+           attr.sharedSizeBytes >= kProbeSharedBytes;
+      (void)cudaGetLastError();  // a device without a matching image leaves an error behind
+    }
+    cache[device] = ok ? 1 : 0;
+  }
+  return cache[device] == 1;
+}
+
+using cutlass_sm90::ConvProblem;
+using cutlass_sm90::Element;
+using cutlass_sm90::Sm90ConvBiasResidualRelu;
+
+constexpr int64_t kChannelAlign = 8;  // 16 bytes of bf16/fp16: TMA's row alignment
+
+int64_t padded_channels(int64_t c) { return (c + kChannelAlign - 1) / kChannelAlign * kChannelAlign; }
+
+// The conv as the CUTLASS kernel runs it: input channels padded with zeros to a multiple of 8.
+ConvProblem geometry_of(const ConvShape& s) {
+  ConvProblem p;
+  p.N = static_cast<int>(s.N); p.H = static_cast<int>(s.H); p.W = static_cast<int>(s.W);
+  p.C = static_cast<int>(padded_channels(s.C)); p.K = static_cast<int>(s.K);
+  p.R = static_cast<int>(s.R); p.S = static_cast<int>(s.S);
+  p.P = static_cast<int>(s.OH); p.Q = static_cast<int>(s.OW);
+  p.pad_h = static_cast<int>(s.pad_h); p.pad_w = static_cast<int>(s.pad_w);
+  p.stride_h = static_cast<int>(s.stride_h); p.stride_w = static_cast<int>(s.stride_w);
+  p.dil_h = static_cast<int>(s.dil_h); p.dil_w = static_cast<int>(s.dil_w);
+  return p;
+}
+
+bool cutlass_can_implement(at::ScalarType dtype, const ConvProblem& p) {
+  return dtype == at::kBFloat16 ? Sm90ConvBiasResidualRelu<Element::kBF16>::can_implement(p)
+                                : Sm90ConvBiasResidualRelu<Element::kFP16>::can_implement(p);
+}
+
+// Why the CUTLASS kernel cannot take this conv; empty when it can.
+std::string cutlass_unsupported(const ConvShape& s, const at::Tensor& input) {
+  std::vector<std::string> why;
+  if (!sm90a_code_runs_on(input.get_device())) {
+    why.push_back("a compute capability 9.0 GPU and a build with sm_90a code (TORCH_CUDA_ARCH_LIST=9.0a)");
+  }
+  const auto dtype = input.scalar_type();
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) {
+    why.push_back("dtype bfloat16 or float16 (got " + std::string(c10::toString(dtype)) + ")");
+  }
+  if (s.groups != 1) why.push_back("groups == 1 (got " + std::to_string(s.groups) + ")");
+  if (s.K % kChannelAlign != 0) {
+    why.push_back("out channels that are a multiple of 8 (got " + std::to_string(s.K) + ")");
+  }
+  if (why.empty() && !cutlass_can_implement(dtype, geometry_of(s))) {
+    why.push_back("a geometry within its TMA im2col limits (stride <= 8, padding <= 256, "
+                  "(kernel - 1) * dilation < 255, N*OH*OW < 2^31)");
+  }
+  std::string text;
+  for (const auto& w : why) text += (text.empty() ? "needs " : "; needs ") + w;
+  return text;
+}
+
+// `t` (input or weight) channels_last-dense, 16-byte aligned and with `channels` channels (the
+// extra ones zero), copying only when `t` is not already so.
+at::Tensor as_tma_operand(const at::Tensor& t, int64_t channels) {
+  const auto CL = at::MemoryFormat::ChannelsLast;
+  if (t.size(1) != channels) {
+    at::Tensor padded = at::zeros({t.size(0), channels, t.size(2), t.size(3)}, t.options().memory_format(CL));
+    padded.narrow(1, 0, t.size(1)).copy_(t);
+    return padded;
+  }
+  at::Tensor c = t.contiguous(CL);
+  if (!is_aligned(c.const_data_ptr(), 16)) c = c.clone(CL);
+  return c;
+}
+
+void run_cutlass(const char* op, const ConvShape& s, const at::Tensor& input, const at::Tensor& weight,
+                 const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& out,
+                 cudaStream_t stream) {
+  const auto CL = at::MemoryFormat::ChannelsLast;
+  ConvProblem p = geometry_of(s);
+  const at::Tensor x = as_tma_operand(input, p.C);
+  const at::Tensor w = as_tma_operand(weight, p.C);
+  const at::Tensor res = residual.defined() ? as_tma_operand(residual, s.K) : at::Tensor();
+  at::Tensor b = bias;
+  if (b.defined() && !is_aligned(b.const_data_ptr(), 16)) b = b.clone();
+  const bool direct = out.is_contiguous(CL) && is_aligned(out.const_data_ptr(), 16);
+  const at::Tensor y = direct ? out : at::empty(out.sizes(), out.options().memory_format(CL));
+
+  p.input = x.const_data_ptr();
+  p.weight = w.const_data_ptr();
+  p.bias = b.defined() ? b.const_data_ptr() : nullptr;
+  p.residual = res.defined() ? res.const_data_ptr() : nullptr;
+  p.output = y.mutable_data_ptr();
+
+  const bool bf16 = input.scalar_type() == at::kBFloat16;
+  const size_t ws_bytes = bf16 ? Sm90ConvBiasResidualRelu<Element::kBF16>::workspace_size(p)
+                               : Sm90ConvBiasResidualRelu<Element::kFP16>::workspace_size(p);
+  at::Tensor workspace;
+  if (ws_bytes > 0) workspace = at::empty({static_cast<int64_t>(ws_bytes)}, input.options().dtype(at::kByte));
+  void* ws = ws_bytes > 0 ? workspace.mutable_data_ptr() : nullptr;
+  const char* error = bf16 ? Sm90ConvBiasResidualRelu<Element::kBF16>::run(p, ws, stream)
+                           : Sm90ConvBiasResidualRelu<Element::kFP16>::run(p, ws, stream);
+  TORCH_CHECK(error == nullptr, op, ": ", error);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!direct) out.copy_(y);
+}
+#endif  // CNNKERNELS_WITH_CUTLASS
+
+at::Tensor conv_bias_relu(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                          int64_t groups) {
+  const ConvShape s = check_conv2d_args(op, input, weight, bias, residual, stride, padding, dilation, groups);
+  const int64_t int_max = std::numeric_limits<int32_t>::max();
+  for (int64_t v : {s.N, s.C, s.H, s.W, s.K, s.R, s.S, s.OH, s.OW, s.C / s.groups * s.R * s.S}) {
+    TORCH_CHECK(v <= int_max, op, ": sizes of 2^31 or more along one dimension are not supported");
+  }
+  at::Tensor out = at::empty({s.N, s.K, s.OH, s.OW}, input.options().memory_format(output_memory_format(input)));
+  if (out.numel() == 0) return out;
+
+  c10::cuda::CUDAGuard guard(input.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+
+  const ConvKernelChoice choice = requested_kernel();
+  if (choice != ConvKernelChoice::kGeneric) {
+#ifdef CNNKERNELS_WITH_CUTLASS
+    const std::string why = cutlass_unsupported(s, input);
+    if (why.empty()) {
+      run_cutlass(op, s, input, weight, b, residual, out, stream);
+      return out;
+    }
+#else
+    const std::string why = "needs a build with CUTLASS (the nvidia-cutlass package's headers)";
+#endif
+    TORCH_CHECK_NOT_IMPLEMENTED(choice != ConvKernelChoice::kCutlass, op,
+                                ": CNNKERNELS_CUDA_CONV=cutlass, but the CUTLASS sm90 kernel ", why);
+  }
+  launch_conv_generic(op, s, input, weight, b, residual, out, stream);
+  return out;
+}
+
+at::Tensor conv2d_relu_cuda(const at::Tensor& input, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return conv_bias_relu("conv2d_relu", input, weight, bias, at::Tensor(), stride, padding, dilation, groups);
+}
+
+at::Tensor conv2d_add_relu_cuda(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& residual,
+                                const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return conv_bias_relu("conv2d_add_relu", input, weight, bias, residual, stride, padding, dilation, groups);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace cnnkernels
+
+TORCH_LIBRARY_IMPL(cnnkernels, CUDA, m) {
+  m.impl("conv2d_relu", &cnnkernels::cuda::conv2d_relu_cuda);
+  m.impl("conv2d_add_relu", &cnnkernels::cuda::conv2d_add_relu_cuda);
+}

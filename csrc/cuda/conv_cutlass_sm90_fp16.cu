@@ -1,0 +1,15 @@
+// CUTLASS Hopper conv fprop + bias + residual + ReLU for fp16; see conv_cutlass_sm90.cuh.
+// One element type per file so that the two slow CUTLASS compiles run in parallel.
+#ifdef CNNKERNELS_WITH_CUTLASS
+// Before any include: CUTLASS's device-side asserts are calls, and a call between wgmma
+// instructions makes ptxas serialize them (warning C7510), a large loss. conv.cu checks every
+// precondition the host-side asserts would (can_implement) before it runs the kernel.
+#ifndef NDEBUG
+#define NDEBUG
+#endif
+#include "conv_cutlass_sm90.cuh"
+
+namespace cnnkernels::cutlass_sm90 {
+template struct Sm90ConvBiasResidualRelu<Element::kFP16>;
+}  // namespace cnnkernels::cutlass_sm90
+#endif
