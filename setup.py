@@ -98,11 +98,13 @@ def extension():
     with_cuda, why_not = cuda_build_decision()
     sources = ["csrc/ops.cpp", "csrc/conv_args.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     defines = [("CNNKERNELS_TORCH_VERSION", c_string(torch.__version__))]
-    cxx = ["-O3"]
+    # at::parallel_for is inline OpenMP: without -fopenmp the CPU kernels run on one thread.
+    cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
     if not with_cuda:
         print(f"cnnkernels: building the CPU kernels only ({why_not})")
         return CppExtension("cnnkernels._C", sources, define_macros=defines,
-                            extra_compile_args={"cxx": cxx}), ""
+                            extra_compile_args={"cxx": cxx}, extra_link_args=link), ""
 
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     nvcc = ["-O3", "--expt-relaxed-constexpr", "--use_fast_math", "-lineinfo"]
@@ -123,7 +125,7 @@ def extension():
               "building the generic CUDA conv kernel only")
     print(f"cnnkernels: building CPU and CUDA kernels (CUDA {torch.version.cuda}, archs {archs})")
     return CUDAExtension("cnnkernels._C", sources, define_macros=defines, include_dirs=include_dirs,
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}), archs
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link), archs
 
 
 def write_build_info(archs):
