@@ -252,3 +252,54 @@ def test_gradcheck_in_float64(backend, device):
         assert torch.autograd.gradcheck(lambda *p: cnnkernels.conv2d_add_relu(p[0], p[1], p[3], p[2], padding=(0, 1),
                                                                               stride=(1, 2)), (x, w, b, r))
         assert torch.autograd.gradcheck(cnnkernels.add_relu, (a, other))
+
+
+# --- torch.compile ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["cuda", "torch"])  # Triton under the CPU interpreter cannot trace
+def test_torch_compile_fullgraph_forward_backward_and_dynamic_shapes(backend):
+    import torch._dynamo.testing
+
+    def block(x, w, b, r):
+        y = cnnkernels.conv2d_relu(x, w, b, padding=1)
+        return cnnkernels.conv2d_add_relu(y, w, r, b, padding=1), cnnkernels.add_relu(y, r)
+
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(block, fullgraph=True, dynamic=True, backend=counter)
+    torch._dynamo.reset()
+    w = torch.randn(4, 4, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    with cnnkernels.use_backend(backend):
+        for size in (8, 11):
+            x = torch.randn(2, 4, size, size).contiguous(memory_format=torch.channels_last)
+            r = torch.randn(2, 4, size, size)
+            outs = compiled(x, w, b, r)
+            expected = block(x, w, b, r)
+            for out, ref in zip(outs, expected):
+                assert torch.allclose(out, ref, atol=1e-5) and out.stride() == ref.stride()
+            grads = torch.autograd.grad(sum(o.sum() for o in outs), (w, b))
+            ref_grads = torch.autograd.grad(sum(o.sum() for o in expected), (w, b))
+            assert all(torch.allclose(g, rg, atol=1e-4) for g, rg in zip(grads, ref_grads))
+    assert counter.frame_count == 1  # one graph, reused for the second input size
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_conv_sees_every_weight_write(dtype):
+    """The C++ CPU conv caches weights reordered for oneDNN; each write must still be seen,
+    including writes through .data, which bump no version counter."""
+    x = torch.randn(2, 8, 9, 9, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(16, 8, 3, 3, dtype=dtype), torch.randn(16, dtype=dtype)
+
+    def check():
+        out = torch.ops.cnnkernels.conv2d_relu(x, w, b, [1, 1], [1, 1], [1, 1], 1)
+        assert torch.allclose(out.float(), F.conv2d(x, w, b, padding=1).relu().float(), atol=1e-2, rtol=1e-2)
+        return out
+
+    first = check()
+    assert torch.equal(check(), first)  # served from the cache, same result
+    w.data[3].mul_(-2)
+    assert not torch.equal(check(), first)
+    with torch.no_grad():
+        w.copy_(torch.randn_like(w))
+    check()
+    check()
