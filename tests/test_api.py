@@ -303,3 +303,25 @@ def test_cpu_conv_sees_every_weight_write(dtype):
         w.copy_(torch.randn_like(w))
     check()
     check()
+
+
+# --- autocast -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["cuda", "torch", "auto"])
+def test_autocast_runs_the_conv_in_autocast_dtype_like_f_conv2d(backend, device):
+    dtype = torch.bfloat16
+    x, w, b = (t.to(device) for t in _conv_inputs())
+    with torch.autocast(device, dtype=dtype), cnnkernels.use_backend(backend):
+        expected = torch.relu(F.conv2d(x, w, b, padding=1))
+        out = cnnkernels.conv2d_relu(x, w, b, padding=1)
+        assert out.dtype == expected.dtype == dtype
+        assert torch.allclose(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+        assert cnnkernels.nn.Conv2dReLU(4, 6, 3).to(device)(x).dtype == dtype
+        for residual in (torch.randn(2, 6, 8, 8, device=device), torch.randn(2, 6, 8, 8, device=device, dtype=dtype)):
+            expected = torch.relu(F.conv2d(x, w, b, padding=1) + residual)
+            out = cnnkernels.conv2d_add_relu(x, w, residual, b, padding=1)
+            assert out.dtype == expected.dtype  # float32 when the residual is: eager promotes
+            assert torch.allclose(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+        with pytest.raises(RuntimeError, match="expected residual of size"):
+            cnnkernels.conv2d_add_relu(x, w, torch.randn(2, 6, 8, 7, device=device), b, padding=1)

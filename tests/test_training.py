@@ -1,0 +1,52 @@
+"""Training through the fused ops: DDP across two CPU processes (gloo)."""
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+import torch.nn as nn
+
+import cnnkernels
+
+
+class TinyResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = cnnkernels.nn.Conv2dReLU(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.tail = cnnkernels.nn.AddReLU()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = cnnkernels.conv2d_add_relu(y, self.conv.weight, y, self.conv.bias, padding=1)
+        y = self.tail(y, y)
+        return self.fc(y.mean((2, 3)))
+
+
+def training_batch():
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(8, 3, 10, 10, generator=generator), torch.randint(0, 5, (8,), generator=generator)
+
+
+def test_ddp_two_processes_match_one_process_on_the_full_batch(tmp_path):
+    torch.manual_seed(0)
+    model = TinyResNet()
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    x, y = training_batch()
+    nn.functional.cross_entropy(model(x), y).backward()
+    expected = [p.grad for p in model.parameters()]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_worker.py")
+    ranks = [subprocess.Popen([sys.executable, worker, str(rank), "2", port, str(tmp_path / "state.pt"),
+                               str(tmp_path / f"grads{rank}.pt")]) for rank in range(2)]
+    for rank in ranks:
+        assert rank.wait(timeout=300) == 0
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"grads{rank}.pt")
+        for got, want in zip(grads, expected):
+            assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
