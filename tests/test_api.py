@@ -282,6 +282,12 @@ def test_torch_compile_fullgraph_forward_backward_and_dynamic_shapes(backend):
             assert all(torch.allclose(g, rg, atol=1e-4) for g, rg in zip(grads, ref_grads))
     assert counter.frame_count == 1  # one graph, reused for the second input size
 
+    module = cnnkernels.nn.Conv2dReLU(4, 4, 3, padding=1)
+    x = torch.randn(2, 4, 9, 9)
+    with cnnkernels.use_backend(backend):
+        compiled_module = torch.compile(module, fullgraph=True, backend="aot_eager")
+        assert torch.allclose(compiled_module(x), module(x), atol=1e-6)
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_conv_sees_every_weight_write(dtype):

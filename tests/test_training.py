@@ -50,3 +50,12 @@ def test_ddp_two_processes_match_one_process_on_the_full_batch(tmp_path):
         grads = torch.load(tmp_path / f"grads{rank}.pt")
         for got, want in zip(grads, expected):
             assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_example_trains_a_zoo_model_under_torchrun():
+    example = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "train_ddp.py")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", example,
+                           "--model", "resnet18", "--steps", "3", "--batch", "2", "--image-size", "32"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "images/s over 2 processes, final loss" in done.stdout
