@@ -30,6 +30,24 @@ def training_batch():
     return torch.randn(8, 3, 10, 10, generator=generator), torch.randint(0, 5, (8,), generator=generator)
 
 
+def _run_ranks(tmp_path):
+    """Runs tests/ddp_worker.py as ranks 0 and 1; returns the failed ranks' stderr."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_worker.py")
+    env = os.environ | {"GLOO_SOCKET_IFNAME": "lo"}
+    ranks = [subprocess.Popen([sys.executable, worker, str(rank), "2", port, str(tmp_path / "state.pt"),
+                               str(tmp_path / f"grads{rank}.pt")], env=env, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    failures = []
+    for rank in ranks:
+        _, stderr = rank.communicate(timeout=300)
+        if rank.returncode != 0:
+            failures.append(f"exit {rank.returncode}: {stderr[-3000:]}")
+    return failures
+
+
 def test_ddp_two_processes_match_one_process_on_the_full_batch(tmp_path):
     torch.manual_seed(0)
     model = TinyResNet()
@@ -38,14 +56,12 @@ def test_ddp_two_processes_match_one_process_on_the_full_batch(tmp_path):
     nn.functional.cross_entropy(model(x), y).backward()
     expected = [p.grad for p in model.parameters()]
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_worker.py")
-    ranks = [subprocess.Popen([sys.executable, worker, str(rank), "2", port, str(tmp_path / "state.pt"),
-                               str(tmp_path / f"grads{rank}.pt")]) for rank in range(2)]
-    for rank in ranks:
-        assert rank.wait(timeout=300) == 0
+    # One retry: the free port picked here can be taken by another process before gloo binds it.
+    for attempt in range(2):
+        failures = _run_ranks(tmp_path)
+        if not failures:
+            break
+    assert not failures, failures
     for rank in range(2):
         grads = torch.load(tmp_path / f"grads{rank}.pt")
         for got, want in zip(grads, expected):
@@ -54,7 +70,7 @@ def test_ddp_two_processes_match_one_process_on_the_full_batch(tmp_path):
 
 def test_example_trains_a_zoo_model_under_torchrun():
     example = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "train_ddp.py")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", example,
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", example,
                            "--model", "resnet18", "--steps", "3", "--batch", "2", "--image-size", "32"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -105,8 +105,10 @@ class ReorderedWeightCache {
 };
 
 ReorderedWeightCache& reordered_weights() {
-  static ReorderedWeightCache cache;
-  return cache;
+  // Never destroyed: tensors must not be freed by static destructors at exit, after the
+  // libraries that own their memory may already be gone.
+  static auto* cache = new ReorderedWeightCache();
+  return *cache;
 }
 
 // PyTorch's oneDNN takes bf16 only on CPUs with AVX-512 BW/VL/DQ (mkldnn_bf16_device_check).
