@@ -75,3 +75,26 @@ def test_example_trains_a_zoo_model_under_torchrun():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "images/s over 2 processes, final loss" in done.stdout
+
+
+def test_deterministic_mode_gives_bitwise_equal_forward_and_backward():
+    """Our forward kernels use no atomics and the backward is ATen's, which follows
+    torch.use_deterministic_algorithms: two runs must agree to the bit."""
+    x = torch.randn(2, 4, 9, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    r = torch.randn(2, 6, 9, 9, requires_grad=True)
+
+    def run():
+        out = cnnkernels.conv2d_add_relu(x, w, r, padding=1)
+        grads = torch.autograd.grad(cnnkernels.add_relu(out, r).square().sum(), (x, w, r))
+        return (out,) + grads
+
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for backend in ("cuda", "torch"):
+            with cnnkernels.use_backend(backend):
+                first, second = run(), run()
+            assert all(torch.equal(a, b) for a, b in zip(first, second)), backend
+    finally:
+        torch.use_deterministic_algorithms(was)
