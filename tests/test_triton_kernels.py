@@ -11,21 +11,16 @@ import os
 import subprocess
 import sys
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
-
 import pytest
+import torch
 import torch.nn.functional as F
 
 from cnnkernels import triton_ops
 from cnnkernels._args import output_memory_format
 from cnnkernels.triton_ops import _autotune, conv
 
-HAS_CUDA = torch.cuda.is_available()
-REQUIRE_CUDA = os.environ.get("CNNKERNELS_REQUIRE_CUDA") == "1"
-requires_cuda = pytest.mark.skipif(not HAS_CUDA and not REQUIRE_CUDA, reason="needs a CUDA GPU")
+from conftest import HAVE_CUDA as HAS_CUDA  # conftest also chose the interpreter without a GPU
+
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 # Error floor of the tolerance rule, relative to the reference's largest magnitude.
@@ -383,7 +378,7 @@ GPU_CASES = [  # ResNet-50 / VGG-16 style layers at batch 8, plus odd ones
 ]
 
 
-@requires_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
@@ -400,7 +395,7 @@ def test_gpu_real_sizes(case, dtype, layout):
     assert_tolerance_rule(out, x, w, b, *args, residual=residual)
 
 
-@requires_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("tf32", [False, True])
 def test_gpu_fp32_follows_cudnn_tf32_flag(tf32):
     x = make_input((4, 256, 28, 28), torch.float32, "channels_last")
@@ -415,7 +410,7 @@ def test_gpu_fp32_follows_cudnn_tf32_flag(tf32):
             assert err < 1e-5  # IEEE fp32, not TF32 (which would be ~1e-3)
 
 
-@requires_cuda
+@pytest.mark.gpu
 def test_gpu_output_over_2_pow_31_elements():
     shape, k = (4096, 16, 112, 112), 64  # output 4096x64x112x112 = 3.3e9 elements
     needed = 2 * (4096 * (16 + 2 * 64) * 112 * 112)  # input, output and one reference chunk, bf16
@@ -430,7 +425,7 @@ def test_gpu_output_over_2_pow_31_elements():
         assert_tolerance_rule(out[chunk], x[chunk], w, None, [1, 1], [0, 0], [1, 1], 1)
 
 
-@requires_cuda
+@pytest.mark.gpu
 def test_gpu_cuda_graph_capture_after_warmup():
     x = make_input((8, 64, 28, 28), torch.bfloat16, "channels_last")
     w = torch.randn(64, 64, 3, 3, dtype=torch.bfloat16, device="cuda")  # NCHW: packed inside the graph
@@ -453,7 +448,7 @@ def test_gpu_cuda_graph_capture_after_warmup():
     assert not torch.equal(captured, eager)
 
 
-@requires_cuda
+@pytest.mark.gpu
 def test_gpu_capture_without_warmup_asks_to_warm_up(tmp_path, monkeypatch):
     monkeypatch.setenv("CNNKERNELS_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CNNKERNELS_AUTOTUNE", "1")
@@ -465,7 +460,7 @@ def test_gpu_capture_without_warmup_asks_to_warm_up(tmp_path, monkeypatch):
             triton_ops.conv2d_relu_triton(x, w, None, [1, 1], [1, 1], [1, 1], 1)
 
 
-@requires_cuda
+@pytest.mark.gpu
 def test_gpu_opcheck():
     x = make_input((2, 16, 9, 9), torch.float16, "channels_last")
     w = torch.randn(8, 16, 3, 3, dtype=torch.float16, device="cuda")
@@ -480,7 +475,7 @@ def test_gpu_opcheck():
     torch.library.opcheck(torch.ops.cnnkernels.add_relu_triton, (residual, residual), test_utils=utils)
 
 
-@requires_cuda
+@pytest.mark.gpu
 def test_gpu_torch_compile_fullgraph():
     x = make_input((2, 16, 9, 9), torch.bfloat16, "nchw")
     w = torch.randn(8, 16, 3, 3, dtype=torch.bfloat16, device="cuda")
