@@ -87,10 +87,7 @@ def markdown(path):
             cells = [name, str(next(iter(by.values()))["count"])] + [_ms(by.get(c)) for c in contenders]
             for b in mine:
                 m = by.get(b)
-                for p in theirs:
-                    q = by.get(p)
-                    ok = m and q and m["status"] == "ok" and q["status"] == "ok"
-                    cells.append(f"{q['ms_p50'] / m['ms_p50']:.2f}x" if ok else "")
+                cells += [report.speedup_text(m, by.get(p)) for p in theirs]
                 cells.append(f"{100 * m['roofline_fraction']:.0f}%" if m and m["status"] == "ok" else "")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")

@@ -82,6 +82,13 @@ def summary_layers(records, dtype, batch):
     return preferred or convs
 
 
+def speedup_text(ours, peer):
+    """The peer's time over ours as "1.23x", or "" unless both measured fine (table cells)."""
+    if ours and peer and ours["status"] == "ok" and peer["status"] == "ok":
+        return f"{peer['ms_p50'] / ours['ms_p50']:.2f}x"
+    return ""
+
+
 def speedups(records, backend, peer):
     """{layer name: peer time / backend time} over the layers where both are ok."""
     mine = {r["name"]: r["ms_p50"] for r in records if r["contender"] == backend and r["status"] == "ok"}
@@ -229,10 +236,7 @@ def tables(records, device):
                           else (lambda r: f"{r['ms_p50']:.4g}")) for c in present]
             for b in mine:
                 mb = by.get(b)
-                for p in theirs:
-                    pr = by.get(p)
-                    ok = mb and pr and mb["status"] == "ok" and pr["status"] == "ok"
-                    row.append(f"{pr['ms_p50'] / mb['ms_p50']:.2f}x" if ok else "")
+                row += [speedup_text(mb, by.get(p)) for p in theirs]
                 row.append(_cell(mb, lambda r: f"{100 * r['roofline_fraction']:.0f}%"))
             rows.append(row)
         title = f"{'Models' if model else 'add_relu' if kind == 'add_relu' else 'Conv layers'}: {dtype}, " \
