@@ -3,11 +3,11 @@
 namespace cnnkernels {
 
 static void check_same_kind(const char* op, const char* name, const at::Tensor& t,
-                            const at::Tensor& input) {
+                            const at::Tensor& input, const char* input_name = "input") {
   TORCH_CHECK(t.device() == input.device(), op, ": expected all tensors to be on the same device, but ",
-              name, " is on ", t.device(), " and input is on ", input.device());
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": expected ", name,
-              " to have the same dtype as input (", input.scalar_type(), "), but got ", t.scalar_type());
+              name, " is on ", t.device(), " and ", input_name, " is on ", input.device());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": expected ", name, " to have the same dtype as ",
+              input_name, " (", input.scalar_type(), "), but got ", t.scalar_type());
 }
 
 ConvShape check_conv2d_args(const char* op, const at::Tensor& input, const at::Tensor& weight,
@@ -70,6 +70,17 @@ void check_add_relu_args(const at::Tensor& input, const at::Tensor& other) {
   check_same_kind("add_relu", "other", other, input);
   TORCH_CHECK(other.sizes() == input.sizes(), "add_relu: expected other of size ", input.sizes(),
               " to match input, but got other of size ", other.sizes());
+}
+
+void check_relu_backward_args(const at::Tensor& grad, const at::Tensor& output) {
+  const char* op = "relu_backward_bias_grad";
+  TORCH_CHECK(output.dim() == 4, op, ": expected 4-D output (N, C, H, W), but got output of size ",
+              output.sizes());
+  TORCH_CHECK(at::isFloatingType(output.scalar_type()), op, ": expected a floating-point output, but got ",
+              output.scalar_type());
+  check_same_kind(op, "grad", grad, output, "output");
+  TORCH_CHECK(grad.sizes() == output.sizes(), op, ": expected grad of size ", output.sizes(),
+              " to match output, but got grad of size ", grad.sizes());
 }
 
 }  // namespace cnnkernels

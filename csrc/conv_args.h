@@ -22,6 +22,9 @@ ConvShape check_conv2d_args(const char* op, const at::Tensor& input, const at::T
 
 void check_add_relu_args(const at::Tensor& input, const at::Tensor& other);
 
+// grad and output of relu_backward_bias_grad: 4-D (N, C, H, W), same size, dtype and device.
+void check_relu_backward_args(const at::Tensor& grad, const at::Tensor& output);
+
 // The memory format the output takes: the input's, as torch.nn.functional.conv2d does.
 inline at::MemoryFormat output_memory_format(const at::Tensor& input) {
   return input.suggest_memory_format();

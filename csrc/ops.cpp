@@ -24,10 +24,14 @@ TORCH_LIBRARY(cnnkernels, m) {
   m.def("conv2d_add_relu(Tensor input, Tensor weight, Tensor residual, Tensor? bias, int[2] stride, "
         "int[2] padding, int[2] dilation, int groups) -> Tensor");
   m.def("add_relu(Tensor input, Tensor other) -> Tensor");
+  // The backward of the ReLU at the end of every op, in one pass: grad_pre_relu is grad where
+  // output > 0 or NaN (aten.threshold_backward's rule), 0 elsewhere, in output's memory format;
+  // grad_bias[c] sums grad_pre_relu over N, H, W in a fixed order (deterministic).
+  m.def("relu_backward_bias_grad(Tensor grad, Tensor output) -> (Tensor grad_pre_relu, Tensor grad_bias)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  std::vector<std::string> kernels = {"cpu:add_relu", "cpu:conv2d_bias_act"};
+  std::vector<std::string> kernels = {"cpu:add_relu", "cpu:conv2d_bias_act", "cpu:relu_backward_bias_grad"};
 #ifdef CNNKERNELS_WITH_CUDA
   for (const auto& name : cnnkernels::cuda_kernel_names()) kernels.push_back("cuda:" + name);
 #endif
