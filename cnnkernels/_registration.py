@@ -1,8 +1,11 @@
 """Python-side registrations for the ops: fake (meta) kernels for the C++ ops, and autograd
 for every op, C++ and Triton alike.
 
-The backward uses PyTorch ops for now: the ReLU mask comes from the saved output, the masked
-gradient is the residual's gradient, and aten.convolution_backward gives the rest.
+The backward saves only the output (for the ReLU mask) and the conv's operands. With a bias, one
+fused pass of our own (relu_backward_bias_grad, from the same backend as the forward) masks the
+gradient and sums it per channel into the bias gradient; without one, aten.threshold_backward
+masks it. The masked gradient is the residual's gradient as it is, and aten.convolution_backward
+(cuDNN, oneDNN) gives the input and weight gradients.
 """
 import torch
 
@@ -35,6 +38,11 @@ def _fake_add_relu(input, other):
     return torch.empty_like(input, memory_format=output_memory_format(input))
 
 
+def _fake_relu_backward_bias_grad(grad, output):
+    grad_pre_relu = torch.empty_like(output, memory_format=output_memory_format(output))
+    return grad_pre_relu, output.new_empty(output.shape[1])
+
+
 def _setup_conv2d_relu(ctx, inputs, output):
     input, weight, bias, stride, padding, dilation, groups = inputs
     ctx.save_for_backward(input, weight, output)
@@ -49,28 +57,33 @@ def _setup_conv2d_add_relu(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _conv_grads(ctx, grad, bias_index):
+def _conv_grads(ctx, grad, bias_index, relu_backward_bias_grad):
     input, weight, output = ctx.saved_tensors
-    grad_pre_relu = torch.ops.aten.threshold_backward(grad, output, 0)
-    stride, padding, dilation, groups = ctx.geometry
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[bias_index]]
-    if any(mask):
-        grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad_pre_relu, input, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding,
-            dilation, False, [0, 0], groups, mask)
+    if ctx.has_bias and ctx.needs_input_grad[bias_index]:
+        grad_pre_relu, grad_bias = relu_backward_bias_grad(grad, output)
     else:
-        grad_input = grad_weight = grad_bias = None
+        grad_pre_relu, grad_bias = torch.ops.aten.threshold_backward(grad, output, 0), None
+    stride, padding, dilation, groups = ctx.geometry
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False]
+    grad_input = grad_weight = None
+    if any(mask):
+        grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad_pre_relu, input, weight, None, stride, padding, dilation, False, [0, 0], groups, mask)
     return grad_pre_relu, grad_input, grad_weight, grad_bias
 
 
-def _backward_conv2d_relu(ctx, grad):
-    _, grad_input, grad_weight, grad_bias = _conv_grads(ctx, grad, bias_index=2)
-    return grad_input, grad_weight, grad_bias, None, None, None, None
+def _conv_backwards(relu_backward_bias_grad):
+    """The backward functions of conv2d_relu and conv2d_add_relu with the given fused ReLU backward."""
 
+    def conv2d_relu_backward(ctx, grad):
+        _, grad_input, grad_weight, grad_bias = _conv_grads(ctx, grad, 2, relu_backward_bias_grad)
+        return grad_input, grad_weight, grad_bias, None, None, None, None
 
-def _backward_conv2d_add_relu(ctx, grad):
-    grad_pre_relu, grad_input, grad_weight, grad_bias = _conv_grads(ctx, grad, bias_index=3)
-    return grad_input, grad_weight, grad_pre_relu, grad_bias, None, None, None, None
+    def conv2d_add_relu_backward(ctx, grad):
+        grad_pre_relu, grad_input, grad_weight, grad_bias = _conv_grads(ctx, grad, 3, relu_backward_bias_grad)
+        return grad_input, grad_weight, grad_pre_relu, grad_bias, None, None, None, None
+
+    return conv2d_relu_backward, conv2d_add_relu_backward
 
 
 def _setup_add_relu(ctx, inputs, output):
@@ -84,11 +97,14 @@ def _backward_add_relu(ctx, grad):
 
 
 def register_autograd(suffix=""):
-    """Registers autograd for cnnkernels::{conv2d_relu,conv2d_add_relu,add_relu}{suffix}."""
+    """Registers autograd for cnnkernels::{conv2d_relu,conv2d_add_relu,add_relu}{suffix}; their
+    backward runs cnnkernels::relu_backward_bias_grad{suffix}, the same backend's kernel."""
     lib = torch.library
-    lib.register_autograd(f"cnnkernels::conv2d_relu{suffix}", _backward_conv2d_relu,
+    relu_backward_bias_grad = getattr(torch.ops.cnnkernels, f"relu_backward_bias_grad{suffix}")
+    conv2d_relu_backward, conv2d_add_relu_backward = _conv_backwards(relu_backward_bias_grad)
+    lib.register_autograd(f"cnnkernels::conv2d_relu{suffix}", conv2d_relu_backward,
                           setup_context=_setup_conv2d_relu)
-    lib.register_autograd(f"cnnkernels::conv2d_add_relu{suffix}", _backward_conv2d_add_relu,
+    lib.register_autograd(f"cnnkernels::conv2d_add_relu{suffix}", conv2d_add_relu_backward,
                           setup_context=_setup_conv2d_add_relu)
     lib.register_autograd(f"cnnkernels::add_relu{suffix}", _backward_add_relu, setup_context=_setup_add_relu)
 
@@ -98,4 +114,5 @@ def register_extension_ops():
     torch.library.register_fake("cnnkernels::conv2d_relu")(_fake_conv2d_relu)
     torch.library.register_fake("cnnkernels::conv2d_add_relu")(_fake_conv2d_add_relu)
     torch.library.register_fake("cnnkernels::add_relu")(_fake_add_relu)
+    torch.library.register_fake("cnnkernels::relu_backward_bias_grad")(_fake_relu_backward_bias_grad)
     register_autograd()

@@ -1,11 +1,15 @@
-"""Training through the fused ops: DDP across two CPU processes (gloo)."""
+"""Training through the fused ops: DDP across two CPU processes (gloo), deterministic mode, and
+CUDA-graph capture of forward and backward."""
+import copy
 import os
 import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import cnnkernels
 
@@ -78,15 +82,17 @@ def test_example_trains_a_zoo_model_under_torchrun():
 
 
 def test_deterministic_mode_gives_bitwise_equal_forward_and_backward():
-    """Our forward kernels use no atomics and the backward is ATen's, which follows
-    torch.use_deterministic_algorithms: two runs must agree to the bit."""
+    """Our kernels use no atomics (the bias gradient's sums run in a fixed order) and the rest of
+    the backward is ATen's, which follows torch.use_deterministic_algorithms: two runs must agree
+    to the bit."""
     x = torch.randn(2, 4, 9, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
     w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
     r = torch.randn(2, 6, 9, 9, requires_grad=True)
 
     def run():
-        out = cnnkernels.conv2d_add_relu(x, w, r, padding=1)
-        grads = torch.autograd.grad(cnnkernels.add_relu(out, r).square().sum(), (x, w, r))
+        out = cnnkernels.conv2d_add_relu(x, w, r, b, padding=1)
+        grads = torch.autograd.grad(cnnkernels.add_relu(out, r).square().sum(), (x, w, b, r))
         return (out,) + grads
 
     was = torch.are_deterministic_algorithms_enabled()
@@ -98,3 +104,36 @@ def test_deterministic_mode_gives_bitwise_equal_forward_and_backward():
             assert all(torch.equal(a, b) for a, b in zip(first, second)), backend
     finally:
         torch.use_deterministic_algorithms(was)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+def test_reduce_overhead_capture_matches_eager_after_warmup(backend):
+    """torch.compile(mode="reduce-overhead") records CUDA graphs of the forward and the backward;
+    after warm-up, replays on fresh inputs must equal eager, gradients included."""
+    torch.manual_seed(0)
+    eager_model = TinyResNet().cuda().to(memory_format=torch.channels_last)
+    captured_model = copy.deepcopy(eager_model)
+    compiled = torch.compile(captured_model, mode="reduce-overhead", fullgraph=True)
+
+    def step(model, x, y):
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss.detach().clone(), [p.grad.clone() for p in model.parameters()]
+
+    was_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with cnnkernels.use_backend(backend):
+            for i in range(5):  # the first calls compile and record; the last ones replay
+                x, y = (t.cuda() + i if t.is_floating_point() else t.cuda() for t in training_batch())
+                x = x.contiguous(memory_format=torch.channels_last)
+                torch.compiler.cudagraph_mark_step_begin()
+                loss, grads = step(compiled, x, y)
+                expected_loss, expected_grads = step(eager_model, x, y)
+                assert torch.allclose(loss, expected_loss, atol=1e-5, rtol=1e-5), (i, loss, expected_loss)
+                for g, e in zip(grads, expected_grads):
+                    assert torch.allclose(g, e, atol=1e-4, rtol=1e-4), i
+    finally:
+        torch.backends.cudnn.allow_tf32 = was_tf32

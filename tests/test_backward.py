@@ -1,0 +1,157 @@
+"""The fused backward: relu_backward_bias_grad's kernels, and what the ops' backward runs."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import cnnkernels
+from cnnkernels._args import output_memory_format
+from conftest import DEVICES, assert_matches_reference, interpreting_triton, poisoned_outputs
+
+SHAPES = [(2, 5, 7, 9), (1, 67, 3, 3), (3, 1, 1, 1), (2, 3, 5, 1), (2, 130, 6, 6), (0, 4, 3, 3)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def fused_op(backend):
+    if backend == "triton":
+        import cnnkernels.triton_ops  # noqa: F401  registers the Triton ops
+        return torch.ops.cnnkernels.relu_backward_bias_grad_triton
+    return torch.ops.cnnkernels.relu_backward_bias_grad
+
+
+def grad_and_output(shape, dtype, device, memory_format):
+    def t():
+        return torch.randn(shape, dtype=dtype, device=device).contiguous(memory_format=memory_format)
+    grad, output = t(), t()
+    if grad.numel():
+        output[0, 0, 0, 0] = float("nan")  # passes the gradient through, as threshold_backward does
+        output[-1, -1, -1, -1], grad[-1, -1, -1, -1] = 1.0, float("nan")
+    return grad, output
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_relu_backward_bias_grad_matches_reference(shape, dtype, memory_format, backend, device):
+    if backend == "triton" and device == "cpu" and shape[1] == 130 and dtype != torch.float32:
+        pytest.skip("the interpreter is slow: the wide case runs in float32 only")
+    grad, output = grad_and_output(shape, dtype, device, memory_format)
+    saved = grad.clone(), output.clone()
+    with poisoned_outputs():
+        grad_pre_relu, grad_bias = fused_op(backend)(grad, output)
+    expected = torch.ops.aten.threshold_backward(grad, output, 0)
+    assert torch.equal(grad_pre_relu.isnan(), expected.isnan())
+    assert torch.equal(grad_pre_relu.nan_to_num(), expected.nan_to_num())
+    fmt = output_memory_format(output)  # the input's format; contiguous for empty tensors
+    assert grad_pre_relu.dtype == dtype and grad_pre_relu.is_contiguous(memory_format=fmt)
+    assert grad_bias.shape == (shape[1],) and grad_bias.dtype == dtype
+    assert_matches_reference(grad_bias, expected.double().sum((0, 2, 3)), expected.sum((0, 2, 3)))
+    assert torch.equal(grad.nan_to_num(), saved[0].nan_to_num()) and torch.equal(output.nan_to_num(),
+                                                                                 saved[1].nan_to_num())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_relu_backward_bias_grad_takes_any_strides(backend, device):
+    """A sliced grad and an output of the other memory format: the result takes output's format."""
+    big = torch.randn(2, 9, 8, 11, device=device)
+    grad = big[:, 1:6, :, 2:9]
+    output = torch.randn(2, 5, 8, 7, device=device).contiguous(memory_format=torch.channels_last)
+    grad_pre_relu, grad_bias = fused_op(backend)(grad, output)
+    expected = torch.ops.aten.threshold_backward(grad, output, 0)
+    assert torch.equal(grad_pre_relu, expected) and grad_pre_relu.is_contiguous(memory_format=torch.channels_last)
+    assert_matches_reference(grad_bias, expected.double().sum((0, 2, 3)), expected.sum((0, 2, 3)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_bias_grad_is_the_same_bits_every_run(memory_format, backend, device):
+    grad, output = grad_and_output((4, 24, 40, 40) if device == "cuda" else (2, 24, 12, 12), torch.float32,
+                                   device, memory_format)
+    grad[-1, -1, -1, -1] = 0.5
+    first = fused_op(backend)(grad, output)[1]
+    assert all(torch.equal(first, fused_op(backend)(grad, output)[1]) for _ in range(3))
+
+
+def test_cpu_bias_grad_does_not_depend_on_the_thread_count():
+    grad, output = grad_and_output((8, 16, 30, 30), torch.float32, "cpu", torch.channels_last)
+    grad[-1, -1, -1, -1] = 0.5
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.ops.cnnkernels.relu_backward_bias_grad(grad, output)[1])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_relu_backward_bias_grad_rejects_bad_input(backend):
+    if backend == "triton" and not interpreting_triton():
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    op = fused_op(backend)
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="4-D"):
+        op(x[0], x[0])
+    with pytest.raises(RuntimeError, match="size|same size"):
+        op(x, x[:, :2])
+    with pytest.raises(RuntimeError, match="dtype"):
+        op(x.double(), x)
+
+
+def test_opcheck_relu_backward_bias_grad():
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        grad, output = (torch.randn(2, 5, 4, 3).contiguous(memory_format=fmt) for _ in range(2))
+        torch.library.opcheck(torch.ops.cnnkernels.relu_backward_bias_grad.default, (grad, output))
+
+
+class OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((str(func.overloadpacket), args))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_conv_backward_masks_and_sums_the_bias_in_one_fused_pass(backend, device):
+    """With a bias: our relu_backward_bias_grad and no other mask or bias reduction; the residual's
+    gradient is the masked gradient itself (the tensor given to convolution_backward)."""
+    def t(*shape):
+        return torch.randn(*shape, device=device, requires_grad=True)
+    x, w, b, r = t(2, 3, 6, 6), t(4, 3, 3, 3), t(4), t(2, 4, 6, 6)
+    residual_grads = []
+    r.register_hook(residual_grads.append)
+    with cnnkernels.use_backend(backend):
+        out = cnnkernels.conv2d_add_relu(x, w, r, b, padding=1)
+    log = OpLog()
+    with log:
+        out.backward(torch.randn_like(out))
+    names = [name for name, _ in log.calls]
+    suffix = "_triton" if backend == "triton" else ""
+    assert names.count(f"cnnkernels.relu_backward_bias_grad{suffix}") == 1, names
+    assert "aten.threshold_backward" not in names and "aten.sum" not in names, names
+    (conv_args,) = [args for name, args in log.calls if name == "aten.convolution_backward"]
+    assert conv_args[-1] == [True, True, False]  # the bias gradient is already done
+    assert residual_grads[0].data_ptr() == conv_args[0].data_ptr()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_conv_backward_without_bias_masks_with_aten(backend, device):
+    x = torch.randn(1, 2, 5, 5, device=device, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, device=device, requires_grad=True)
+    with cnnkernels.use_backend(backend):
+        out = cnnkernels.conv2d_relu(x, w)
+    log = OpLog()
+    with log:
+        out.sum().backward()
+    names = [name for name, _ in log.calls]
+    assert "aten.threshold_backward" in names and not any("relu_backward_bias_grad" in n for n in names), names
