@@ -52,14 +52,14 @@ step tests 170 env CNNKERNELS_REQUIRE_CUDA=1 CNNKERNELS_AUTOTUNE=0 python3 -m py
 grep -E "passed|failed|error" "$LOG" | tail -n 3
 
 # The bench stops starting measurements after --budget-s; what is left is recorded as skipped.
-BENCH_ARGS=(--out "$OUT/work/bench" --gpu-tests-report "$OUT/gpu-tests.xml" --budget-s 65) BENCH_CAP=110
+BENCH_ARGS=(--out "$OUT/work/bench" --gpu-tests-report "$OUT/gpu-tests.xml" --budget-s 60) BENCH_CAP=105
 [ "$FULL" = "--full" ] && BENCH_ARGS+=(--full --budget-s 480) BENCH_CAP=560
 step bench "$BENCH_CAP" python3 -m cnnkernels.bench "${BENCH_ARGS[@]}"
 
 # Issue 7's training step: eager (torchvision, cuDNN) vs ours on ResNet-50@128 and VGG-16@64 in
 # bf16, no torch.compile. It rewrites its -train.json after every result, so a cap leaves what it
 # measured.
-step train 40 python3 -m cnnkernels.bench --train --out "$OUT/work/bench" --budget-s 20
+step train 45 python3 -m cnnkernels.bench --train --out "$OUT/work/bench" --budget-s 25
 python3 -m cnnkernels.bench.readme "$OUT/work/bench" > "$OUT/work/bench/README-section.md" 2>> "$LOG"
 
 # Without the caching allocator every tensor is its own allocation, so out-of-bounds
