@@ -106,9 +106,144 @@ def test_readme_section_names_card_and_file(quick_run, tmp_path):
     (out / "0-older.json").unlink()
 
 
-def test_train_is_not_implemented_yet(capsys):
-    assert cli.main(["--train"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "cnnkernels.bench", "--train", "--quick", "--device", "cpu", "--out",
+                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (json_path,) = out.glob("*-train.json")
+    return out, json_path, json.loads(json_path.read_text()), proc.stdout
+
+
+def test_train_quick_run_writes_json_and_table(train_run):
+    out, json_path, data, stdout = train_run
+    assert set(data) == {"train", "records", "meta"}
+    meta = data["meta"]
+    assert json_path.name == report.file_stem(meta["environment"]) + "-train.json"
+    assert set(meta["environment"]) == {"device", "date", "commit", "torch", "triton", "cudnn"}
+    assert meta["config"]["cases"] == ["lenet5@8"] and meta["config"]["contenders"] == ["eager", "ours"]
+    assert meta["settings"]["optimizer"] == "SGD(lr=0.01, momentum=0.9)"
+    by = {r["contender"]: r for r in data["records"]}
+    assert set(by) == {"eager", "ours"} and all(r["status"] == "ok" for r in by.values()), data["records"]
+    assert "traced in reference_mode" in by["eager"]["runs"] and "use_backend('auto')" in by["ours"]["runs"]
+    for r in by.values():
+        assert r["ms_p20"] <= r["ms_p50"] <= r["ms_p80"] and r["reps"] >= 5
+        assert r["images_per_second"] == pytest.approx(8 * 1e3 / r["ms_p50"])
+        assert r["peak_memory_mib"] is None  # not measured on a CPU, never made up
+    (entry,) = data["train"]
+    assert entry["name"] == "lenet5@8" and entry["dtype"] == "float32"
+    assert entry["speedup_vs_eager"]["ours"] == pytest.approx(by["eager"]["ms_p50"] / by["ours"]["ms_p50"])
+    assert entry["target"]["speedup_met"] == (entry["speedup_vs_eager"]["ours"] >= 1.05)
+    assert entry["target"]["peak_memory_met"] is None
+    table = (out / (json_path.stem + ".txt")).read_text()
+    assert table.splitlines()[0].startswith("Training step") and table.splitlines()[0] in stdout
+    row = next(line for line in table.splitlines() if line.startswith("lenet5@8"))
+    assert f"{entry['speedup_vs_eager']['ours']:.2f}x" in row and "memory n/a" in row
+
+
+def test_train_losses_of_eager_and_ours_agree(train_run):
+    data = train_run[2]
+    by = {r["contender"]: r for r in data["records"]}
+    eager, ours = by["eager"], by["ours"]
+    # Same weights and data: the first step's losses agree to float32 rounding, and so do the losses
+    # after the same number of optimizer steps.
+    assert ours["loss_first_step"] == pytest.approx(eager["loss_first_step"], rel=1e-4)
+    assert ours["loss_check_step"] == eager["loss_check_step"] == 3
+    assert ours["loss_after_warmup"] == pytest.approx(eager["loss_after_warmup"], rel=1e-3)
+    # The optimizer steps: three steps on the same batch lower the loss; timing starts after them.
+    assert eager["loss_after_warmup"] < eager["loss_first_step"]
+    assert min(eager["first_timed_step"], ours["first_timed_step"]) >= 3
+    assert data["train"][0]["loss_agrees"] == {"ours": True}
+
+
+def _train_record(name, contender, ms, peak_mib=None, loss=2.0, batch=64):
+    peak = None if peak_mib is None else peak_mib * 2 ** 20
+    return {"section": "train", "name": f"{name}@{batch}", "model": name, "batch": batch, "dtype": "bfloat16",
+            "contender": contender, "status": "ok", "ms_p50": ms, "images_per_second": batch * 1e3 / ms,
+            "peak_memory_bytes": peak, "peak_memory_mib": peak_mib, "loss_first_step": 2.0,
+            "loss_after_warmup": loss}
+
+
+def test_train_summary_speedup_memory_and_loss_flags():
+    from cnnkernels.bench import train
+    records = [_train_record("resnet50", "eager", 100.0, 5000.0), _train_record("resnet50", "ours", 90.0, 4900.0),
+               _train_record("resnet50", "compile", 125.0, 4000.0, loss=2.5),
+               _train_record("vgg16", "eager", 100.0, 5000.0), _train_record("vgg16", "ours", 98.0, 5100.0),
+               dict(_train_record("vgg16", "compile", 1.0), status="skipped")]
+    res, vgg = train.summarize(records)
+    assert res["speedup_vs_eager"] == {"ours": pytest.approx(100 / 90), "compile": pytest.approx(0.8)}
+    assert res["peak_memory_vs_eager"]["ours"] == pytest.approx(0.98)
+    assert res["target"] == {"speedup_at_least": 1.05, "speedup_met": True, "peak_memory_met": True}
+    assert res["loss_agrees"] == {"ours": True, "compile": False}
+    assert res["loss_rel_diff_vs_eager"]["compile"] == pytest.approx(0.25)
+    assert vgg["target"] == {"speedup_at_least": 1.05, "speedup_met": False, "peak_memory_met": False}
+    assert "compile" not in vgg["speedup_vs_eager"] and vgg["status"]["compile"] == "skipped"
+    (note,) = train.loss_notes([res, vgg])
+    assert note.startswith("resnet50@64 bfloat16: compile's loss differs from eager's by 25%")
+    headers, rows = report.train_rows([res, vgg], records)
+    cells = dict(zip(headers, rows[1]))
+    assert cells["ours/eager"] == "1.02x" and cells["compile ms"] == "skip" and cells["ours peak MiB"] == "5,100"
+    assert cells["target (ours)"] == "1.05x missed (1.02x); memory missed"
+
+
+def test_train_plan_defaults_and_overrides():
+    def plan(*argv, device="cpu"):
+        return cli.make_train_plan(cli.parser().parse_args(["--train", *argv]), device)
+    gpu = plan(device="cuda")
+    assert gpu.cases == [("resnet50", 128), ("vgg16", 64)] and gpu.dtypes == [torch.bfloat16]
+    assert gpu.contenders == ["eager", "ours"]
+    assert plan("--full", device="cuda").contenders == ["eager", "ours", "compile"]
+    assert plan("--train-compile").contenders == ["eager", "ours", "compile"]
+    assert plan().cases == [("resnet18", 2), ("lenet5", 8)] and plan().dtypes == [torch.float32]
+    assert plan("--quick").cases == [("lenet5", 8)]
+    assert plan("--models", "resnet50,vgg16", "--model-batch", "32,16").cases == [("resnet50", 32), ("vgg16", 16)]
+    assert plan("--models", "vgg16,lenet5", "--model-batch", "4", "--dtype", "bf16").cases == [("vgg16", 4),
+                                                                                                 ("lenet5", 4)]
+    assert plan("--models", "vgg16", device="cuda").cases == [("vgg16", 64)]
+    assert plan("--contenders", "ours,eager").contenders == ["eager", "ours"]
+    for bad in (["--models", "nosuchnet"], ["--models", "vgg16,lenet5", "--model-batch", "1,2,3"],
+                ["--contenders", "cudnn_fused"], ["--layers", "vgg16"]):
+        with pytest.raises(SystemExit):
+            plan(*bad)
+
+
+def test_train_budget_records_skipped(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # in-process: leave the test's threads alone
+    assert cli.main(["--train", "--device", "cpu", "--budget-s", "0", "--out", str(tmp_path)]) == 0
+    (json_path,) = tmp_path.glob("*-train.json")
+    data = json.loads(json_path.read_text())
+    assert [(r["name"], r["contender"], r["status"]) for r in data["records"]] == [
+        ("resnet18@2", "eager", "skipped"), ("resnet18@2", "ours", "skipped"),
+        ("lenet5@8", "eager", "skipped"), ("lenet5@8", "ours", "skipped")]
+    assert all("time budget of 0 s used up" in r["message"] for r in data["records"])
+    assert "4 results skipped: time budget of 0 s used up" in data["meta"]["notes"]
+    assert [e["speedup_vs_eager"] for e in data["train"]] == [{}, {}]
+    assert "skip" in (tmp_path / (json_path.stem + ".txt")).read_text()
+
+
+def test_readme_training_section_names_card_and_file(train_run, quick_run, capsys):
+    _, train_json, train_data, _ = train_run
+    assert readme.train_markdown(train_json).startswith("### Training step")
+    assert readme.main([str(train_json.parent)]) == 0  # a folder of training results only
+    text = capsys.readouterr().out
+    assert train_data["meta"]["environment"]["device"] in text and train_json.name in text
+    assert "| model@batch | dtype | eager ms |" in text and "| lenet5@8 | float32 |" in text
+    assert "for one H100 in bf16" in text and "Peaks measured" not in text
+    # Beside the layer results: both sections, and the layer section still reads the layer file.
+    out, layer_json = quick_run[0], quick_run[1]
+    beside = out / (layer_json.stem + "-train.json")
+    beside.write_text(train_json.read_text())
+    try:
+        assert readme.newest_results(out) == layer_json and readme.newest_train(out) == beside
+        assert readme.newest_train(layer_json) == beside
+        assert readme.main([str(out)]) == 0
+        text = capsys.readouterr().out
+        assert text.index("| backend | geomean_vs_cudnn |") < text.index("### Training step")
+        assert beside.name in text and layer_json.name in text
+    finally:
+        beside.unlink()
 
 
 def test_gpu_tests_report_from_junit_or_json(tmp_path):

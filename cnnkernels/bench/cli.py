@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import plots, report
+from . import plots, report, train
 from .common import CPU_OURS, CPU_PEERS, DTYPES, GPU_OURS, GPU_PEERS, MAX_AUTOTUNE, dtype_name, ours, peers
 from .runner import Plan, Runner
 from .shapes import LAYER_SETS, MODEL_INPUTS, QUICK_LAYERS
@@ -30,6 +30,18 @@ PRESETS = {
                              model_batch=[8, 1], target_ms=300.0),
     ("cpu", "full"): dict(layers=ALL_LAYER_SETS, batch=[1, 64, 256], dtype=["fp32", "bf16"], models=ALL_MODELS,
                           model_batch=[256, 1], target_ms=300.0),
+}
+
+# --train: {model: batch} per device and mode (issue 7: ResNet-50 at 128, VGG-16 at 64, bf16, on a GPU;
+# tiny and fast on a CPU). torch.compile is in --full only, or with --train-compile.
+TRAIN_PRESETS = {
+    ("cuda", "quick"): dict(models={"resnet18": 64}, dtype=["bf16"], compile=False, target_ms=30.0),
+    ("cuda", "default"): dict(models={"resnet50": 128, "vgg16": 64}, dtype=["bf16"], compile=False,
+                              target_ms=100.0),
+    ("cuda", "full"): dict(models={"resnet50": 128, "vgg16": 64}, dtype=["bf16"], compile=True, target_ms=300.0),
+    ("cpu", "quick"): dict(models={"lenet5": 8}, dtype=["fp32"], compile=False, target_ms=100.0),
+    ("cpu", "default"): dict(models={"resnet18": 2, "lenet5": 8}, dtype=["fp32"], compile=False, target_ms=300.0),
+    ("cpu", "full"): dict(models={"resnet18": 2, "lenet5": 8}, dtype=["fp32"], compile=True, target_ms=300.0),
 }
 
 GPU_ADDS = ("On a GPU this command also measures: cuDNN eager (cudnn) and cuDNN's fused conv+ReLU ops "
@@ -68,7 +80,13 @@ def parser():
                                               "the GPU test run, for summary.gpu_tests")
     p.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train", action="store_true", help="training step benchmarks (not implemented yet: issue 7)")
+    p.add_argument("--train", action="store_true",
+                   help="time a training step (forward, backward, SGD step) of whole models instead: eager "
+                        "(torchvision) vs ours (the cnnkernels.models zoo); with --models and --model-batch (one "
+                        "batch for all, or one per model), --dtype, --contenders of eager, ours, compile")
+    p.add_argument("--train-compile", action="store_true",
+                   help="with --train: also torch.compile of the eager model (on in --full; compiling a ResNet-50 "
+                        "training step takes minutes)")
     return p
 
 
@@ -76,10 +94,7 @@ def make_plan(args, device):
     mode = "quick" if args.quick else "full" if args.full else "default"
     preset = PRESETS[(device, mode)]
     ints = lambda xs: [int(x) for x in xs]  # noqa: E731
-    try:
-        dtypes = [DTYPES[d.lower()] for d in (args.dtype or preset["dtype"])]
-    except KeyError as error:
-        raise SystemExit(f"unknown dtype {error}; use bf16, fp16 or fp32")
+    dtypes = _dtypes(args.dtype or preset["dtype"])
     names = args.layers if args.layers is not None else preset["layers"]
     if names == "quick":
         layers = list(QUICK_LAYERS)
@@ -105,6 +120,47 @@ def make_plan(args, device):
                 seed=args.seed)
 
 
+def _dtypes(names):
+    try:
+        return [DTYPES[d.lower()] for d in names]
+    except KeyError as error:
+        raise SystemExit(f"unknown dtype {error}; use bf16, fp16 or fp32")
+
+
+def make_train_plan(args, device):
+    """--train's plan: (model, batch) cases from the preset, or --models with --model-batch (one batch
+    for every model, or one per model; a model the preset names keeps its batch when none is given)."""
+    ignored = [flag for flag, value in (("--layers", args.layers), ("--batch", args.batch),
+                                        ("--max-autotune", args.max_autotune)) if value]
+    if ignored:
+        raise SystemExit(f"{', '.join(ignored)} do(es) not apply to --train")
+    mode = "quick" if args.quick else "full" if args.full else "default"
+    preset = TRAIN_PRESETS[(device, mode)]
+    names = [m for m in (args.models if args.models is not None else preset["models"]) if m != "none"]
+    unknown = [f"{m} ({why})" for m in names if (why := train.model_problem(m))]
+    if unknown:
+        raise SystemExit(f"unknown model(s) for --train: {', '.join(unknown)}")
+    if args.model_batch:
+        batches = [int(b) for b in args.model_batch]
+        if len(batches) == 1:
+            batches *= len(names)
+        if len(batches) != len(names):
+            raise SystemExit("--train: give --model-batch one batch size, or one per model")
+    else:
+        fallback = next(iter(preset["models"].values()))
+        batches = [preset["models"].get(m, fallback) for m in names]
+    contenders = ["eager", "ours"] + (["compile"] if preset["compile"] or args.train_compile else [])
+    if args.contenders:
+        unknown = [c for c in args.contenders if c not in train.CONTENDERS]
+        if unknown:
+            raise SystemExit(f"unknown contender(s) {', '.join(unknown)} for --train; choose from "
+                             f"{', '.join(train.CONTENDERS)}")
+        contenders = [c for c in train.CONTENDERS if c in args.contenders]
+    return train.TrainPlan(device=device, dtypes=_dtypes(args.dtype or preset["dtype"]),
+                           cases=list(zip(names, batches)), contenders=contenders,
+                           target_ms=args.target_ms or preset["target_ms"], budget_s=args.budget_s, seed=args.seed)
+
+
 def set_precision(tf32):
     """The same settings for every contender; returned for the record."""
     torch.backends.cudnn.benchmark = True
@@ -114,15 +170,72 @@ def set_precision(tf32):
             "memory_format": "channels_last"}
 
 
-def main(argv=None):
-    args = parser().parse_args(argv)
-    if args.train:
-        print("cnnkernels.bench --train: training-step benchmarks are not implemented yet (issue 7).",
-              file=sys.stderr)
-        return 2
+def _device(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    return device
+
+
+def main_train(args, argv):
+    """--train: the training step of whole models (train.py), written to <stem>-train.json/.txt."""
+    device = _device(args)
+    plan = make_train_plan(args, device)
+    settings = set_precision(args.tf32 == "on")
+    settings.update(optimizer=f"SGD(lr={train.LR}, momentum={train.MOMENTUM})", loss="cross_entropy",
+                    ours_backend=train.OURS_BACKEND, timing="back-to-back steps, median; first step and warm-up "
+                    "excluded", peak_memory=(f"torch.cuda.max_memory_allocated over {train.PEAK_STEPS} steps after "
+                                             "the timed ones" if device == "cuda" else "not measured on a CPU"))
+    env = report.environment(device)
+    print(f"cnnkernels.bench --train on {env['device']}: torch {env['torch']}, triton {env['triton']}, "
+          f"cuDNN {env['cudnn']}, commit {env['commit']}", flush=True)
+    print(f"  {', '.join(f'{m}@{b}' for m, b in plan.cases)}, dtypes {[dtype_name(d) for d in plan.dtypes]}, "
+          f"contenders {plan.contenders}; {settings}", flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = report.file_stem(env)
+    json_path, txt_path = out / f"{stem}-train.json", out / f"{stem}-train.txt"
+    config = {"argv": sys.argv[1:] if argv is None else list(argv), "device": device, "mode": "train",
+              "dtypes": [dtype_name(d) for d in plan.dtypes], "cases": [f"{m}@{b}" for m, b in plan.cases],
+              "contenders": plan.contenders, "target_ms": plan.target_ms, "budget_s": plan.budget_s,
+              "seed": plan.seed}
+    started = time.monotonic()
+
+    def write(final=False):
+        entries = train.summarize(runner.records)
+        notes = train.loss_notes(entries)
+        skipped = sum(r["status"] == "skipped" for r in runner.records)
+        if skipped:
+            notes.append(f"{skipped} results skipped: time budget of {plan.budget_s:g} s used up")
+        notes += [f"{r['name']} {r['contender']} {r['status']}: {r['message']}" for r in runner.records
+                  if r["status"] in ("error", "unavailable")]
+        if device == "cpu":
+            notes.append("CPU run: peak memory is not measured; issue 7's target is for one H100 in bf16")
+        if not final:
+            notes.append("partial: the run had not finished when this file was written")
+        meta = {"config": config, "environment": env, "settings": settings,
+                "elapsed_s": time.monotonic() - started, "notes": notes}
+        report.write_train_json(json_path, entries, runner.records, meta)
+        table = report.train_table(entries, runner.records, env["device"])
+        txt_path.write_text(table + "\n" + "".join(f"note: {n}\n" for n in notes))
+        return table, notes
+
+    runner = train.TrainRunner(plan, env["device"], on_record=write)
+    runner.run()
+    table, notes = write(final=True)
+    print("\n" + table)
+    for note in notes:
+        print("note: " + note)
+    print(f"\nwrote {json_path}, {txt_path} in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if args.train:
+        return main_train(args, argv)
+    device = _device(args)
     plan = make_plan(args, device)
     settings = set_precision(args.tf32 == "on")
     env = report.environment(device)

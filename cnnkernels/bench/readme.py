@@ -3,7 +3,10 @@
     python -m cnnkernels.bench.readme [RESULTS_DIR_OR_JSON]   (default benchmarks/results)
 
 "Newest" is the latest summary.date, ties broken by file name. The text names the card and the
-file, and links the run's plots where they sit beside it.
+file, and links the run's plots where they sit beside it. Where training-step results
+(`<stem>-train.json`, from `--train`) are there too, a "Training step" section follows: for a
+folder the newest of them, for a results file the -train.json beside it. Given a -train.json
+itself, only that section is written.
 """
 import json
 import sys
@@ -12,6 +15,7 @@ from pathlib import Path
 from . import report
 
 DEFAULT_DIR = Path("benchmarks/results")
+TRAIN_SUFFIX = "-train.json"
 
 
 def newest_results(where=DEFAULT_DIR):
@@ -20,6 +24,8 @@ def newest_results(where=DEFAULT_DIR):
         return where
     found = []
     for path in where.glob("*.json"):
+        if path.name.endswith(TRAIN_SUFFIX):
+            continue
         try:
             summary = json.loads(path.read_text())["summary"]
         except (ValueError, KeyError, TypeError):
@@ -28,6 +34,49 @@ def newest_results(where=DEFAULT_DIR):
     if not found:
         raise FileNotFoundError(f"no results JSON with a summary under {where}")
     return max(found)[2]
+
+
+def newest_train(where=DEFAULT_DIR):
+    """The training results that go with `where` (a folder: its newest -train.json by the date in
+    meta.environment, then name; a results file: the -train.json beside it), or None."""
+    where = Path(where)
+    if where.is_file():
+        if where.name.endswith(TRAIN_SUFFIX):
+            return where
+        beside = where.with_name(where.stem + TRAIN_SUFFIX)
+        return beside if beside.exists() else None
+    found = []
+    for path in where.glob("*" + TRAIN_SUFFIX):
+        try:
+            data = json.loads(path.read_text())
+            date = data["meta"]["environment"]["date"]
+            data["train"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        found.append((date, path.name, path))
+    return max(found)[2] if found else None
+
+
+def train_markdown(path):
+    """The "Training step" section: card, versions and file, then a row per model@batch and dtype."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    meta = data.get("meta", {})
+    env, settings = meta.get("environment", {}), meta.get("settings", {})
+    device = meta.get("config", {}).get("device")
+    out = ["### Training step", "",
+           f"Measured on **{env.get('device')}** on {env.get('date')} (torch {env.get('torch')}, Triton "
+           f"{env.get('triton')}, cuDNN {env.get('cudnn')}, commit `{env.get('commit')}`) by "
+           f"`python -m cnnkernels.bench --train`: zero_grad + forward + cross-entropy + backward + "
+           f"{settings.get('optimizer', 'SGD')} step, train mode, channels_last, same weights and data for every "
+           f"contender; median step time. Results: [`{path.as_posix()}`]({path.as_posix()}).", ""]
+    if device == "cpu":
+        out += ["A CPU run: peak memory is not measured, and issue 7's target (ours at least 1.05x eager, peak "
+                "memory no higher) is for one H100 in bf16.", ""]
+    headers, rows = report.train_rows(data["train"], data["records"])
+    out += ["| " + " | ".join(headers) + " |", "|---" * len(headers) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out).rstrip() + "\n"
 
 
 def _ms(r):
@@ -102,12 +151,19 @@ def markdown(path):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        path = newest_results(argv[0] if argv else DEFAULT_DIR)
-    except FileNotFoundError as error:
-        print(f"cnnkernels.bench.readme: {error}", file=sys.stderr)
-        return 1
-    print(markdown(path), end="")
+    where = Path(argv[0] if argv else DEFAULT_DIR)
+    train = newest_train(where)
+    parts = []
+    if not (where.is_file() and where.name.endswith(TRAIN_SUFFIX)):
+        try:
+            parts.append(markdown(newest_results(where)))
+        except FileNotFoundError as error:
+            if train is None:
+                print(f"cnnkernels.bench.readme: {error}", file=sys.stderr)
+                return 1
+    if train is not None:
+        parts.append(train_markdown(train))
+    print("\n".join(parts), end="")
     return 0
 
 

@@ -302,3 +302,61 @@ def targets_markdown(rows):
                  for v in values.values()]
         lines.append(f"| {name} | {threshold:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# The training step (train.py): a row per (model, batch, dtype).
+
+def _train_target_text(entry):
+    """Issue 7's target for ours: speed (at least 1.05x eager) and peak memory (no higher)."""
+    t, speedup = entry["target"], entry["speedup_vs_eager"].get("ours")
+    if t["speedup_met"] is None:
+        return ""
+    speed = f"{t['speedup_at_least']:g}x " + ("met" if t["speedup_met"] else f"missed ({speedup:.2f}x)")
+    memory = {None: "n/a", True: "met", False: "missed"}[t["peak_memory_met"]]
+    return f"{speed}; memory {memory}"
+
+
+def train_rows(entries, records):
+    """(headers, rows) of the training-step table: per contender step ms, images/s and peak MiB;
+    ours' (and compile's) speedup over eager; both losses of the first step; issue 7's target."""
+    contenders = list(dict.fromkeys(r["contender"] for r in records))
+    others = [c for c in contenders if c != "eager"]
+    headers = ["model@batch", "dtype"]
+    for c in contenders:
+        headers += [f"{c} ms", f"{c} img/s", f"{c} peak MiB"]
+    headers += [f"{c}/eager" for c in others] + ["loss eager/ours", "target (ours)"]
+    by = {}
+    for r in records:
+        by.setdefault((r["name"], r["dtype"]), {})[r["contender"]] = r
+    rows = []
+    for e in entries:
+        rs = by.get((e["name"], e["dtype"]), {})
+        row = [e["name"], e["dtype"]]
+        for c in contenders:
+            r = rs.get(c)
+            peak = lambda r: "n/a" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:,.0f}"  # noqa: E731
+            row += [_cell(r, lambda r: f"{r['ms_p50']:.4g}"), _cell(r, lambda r: images(r["images_per_second"])),
+                    _cell(r, peak)]
+        row += [speedup_text(rs.get(c), rs.get("eager")) for c in others]
+        eager, mine = rs.get("eager"), rs.get("ours")
+        if eager and mine and eager["status"] == mine["status"] == "ok":
+            flag = "" if e["loss_agrees"].get("ours") else " DIFFER"
+            row.append(f"{eager['loss_first_step']:.4g}/{mine['loss_first_step']:.4g}{flag}")
+        else:
+            row.append("")
+        row.append(_train_target_text(e))
+        rows.append(row)
+    return headers, rows
+
+
+def train_table(entries, records, device_name):
+    headers, rows = train_rows(entries, records)
+    title = (f"Training step (zero_grad + forward + cross-entropy + backward + SGD step) on {device_name}, "
+             "channels_last")
+    return title + "\n" + _format(headers, rows)
+
+
+def write_train_json(path, entries, records, meta):
+    """The training results: `train` (summarized entries), `records`, `meta` (config, environment,
+    settings, notes). No `summary` key: that one is the layer results' (readme.newest_results)."""
+    path.write_text(json.dumps({"train": entries, "records": records, "meta": meta}, indent=1, default=str))

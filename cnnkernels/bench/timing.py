@@ -5,6 +5,8 @@ GPU: CUDA events around each call. Before each call a spin kernel (torch.cuda._s
 GPU busy while the CPU queues the call, so the events measure device time, not Python launch
 cost; at batch 1 every contender runs as a CUDA graph instead. Inputs rotate over several sets
 when one set would stay in L2.
+With pad=False (the training step) the calls run back to back, unpadded: a step's time is then
+its steady-state throughput, launch overhead included where it exceeds the device time.
 CPU: time.perf_counter around each call.
 """
 import math
@@ -54,8 +56,8 @@ class CpuTimer:
     def __init__(self, target_ms=300.0, min_reps=5, max_reps=100):
         self.target_ms, self.min_reps, self.max_reps = target_ms, min_reps, max_reps
 
-    def time(self, fn, n_sets=1, graph=False):
-        """Times fn(i) for input set i. `graph` has no meaning on a CPU."""
+    def time(self, fn, n_sets=1, graph=False, pad=True):
+        """Times fn(i) for input set i. `graph` and `pad` have no meaning on a CPU."""
         start = time.perf_counter()
         fn(0)
         first = time.perf_counter() - start
@@ -91,9 +93,10 @@ class GpuTimer:
         end.synchronize()
         return cycles / max(start.elapsed_time(end), 1e-3)
 
-    def time(self, fn, n_sets=1, graph=False):
+    def time(self, fn, n_sets=1, graph=False, pad=True):
         """Times fn(i) for input set i; with graph=True, replays of one CUDA graph that calls fn
-        once on every set."""
+        once on every set. pad=False leaves out the spin kernel before each call: the calls run
+        back to back and each sample includes any time the GPU waits for the host."""
         torch.cuda.synchronize()
         start = time.perf_counter()
         fn(0)
@@ -129,7 +132,7 @@ class GpuTimer:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for i in range(reps):
-            if self._sleep:
+            if pad and self._sleep:
                 self._sleep(pad_cycles)
             starts[i].record()
             step(i)
