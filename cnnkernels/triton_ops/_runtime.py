@@ -53,6 +53,13 @@ def should_launch(kernel, *tensors) -> bool:
     return False
 
 
+def launcher(kernel):
+    """What to index with the grid to launch `kernel`: `wrap_triton(kernel)`, which torch.compile
+    can trace, or under the interpreter the kernel itself (torch < 2.13's wrap_triton accepts only
+    compiled kernels; interpreted ones never see traced tensors, see should_launch)."""
+    return kernel if is_interpreted(kernel) else torch.library.wrap_triton(kernel)
+
+
 def hint(v) -> int:
     """A concrete int for a possibly symbolic size (torch.compile tracing), without adding a guard."""
     if isinstance(v, torch.SymInt):

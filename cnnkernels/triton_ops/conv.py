@@ -462,7 +462,7 @@ def _conv2d_fused(input, weight, residual, bias, stride, padding, dilation, grou
         if cg == 1 and groups > 1:
             def launch(config, dst):
                 grid = (triton.cdiv(rows, config.block_m), triton.cdiv(k_out, config.block_n))
-                torch.library.wrap_triton(_conv_depthwise_kernel)[grid](
+                _runtime.launcher(_conv_depthwise_kernel)[grid](
                     x, weight, bias_arg, res_arg, dst,
                     K=k_out, Kg=kg, swk=weight.stride(0), swr=weight.stride(2), sws=weight.stride(3),
                     ACC_F64=input.dtype == torch.float64,
@@ -479,7 +479,7 @@ def _conv2d_fused(input, weight, residual, bias, stride, padding, dilation, grou
 
             def launch(config, dst):
                 grid = (groups * triton.cdiv(rows, config.block_m) * triton.cdiv(kg, config.block_n),)
-                torch.library.wrap_triton(_conv_gemm_kernel)[grid](
+                _runtime.launcher(_conv_gemm_kernel)[grid](
                     x, w_packed, bias_arg, res_arg, dst,
                     Cg=cg, Kg=kg, swk=w_packed.stride(0),
                     FLAT_K=flat_k, EVEN_C=cg % config.block_k == 0,

@@ -91,10 +91,10 @@ def relu_backward_bias_grad_triton(grad: torch.Tensor, output: torch.Tensor) -> 
     # Dense strides from the shape: a size-1 dimension's own stride may be anything.
     stride_n, stride_c, stride_s = (HW * C, 1, C) if channels_last else (C * HW, HW, 1)
     with _runtime.device_guard(o):
-        torch.library.wrap_triton(_mask_and_partial_sums_kernel)[(N * chunks, triton.cdiv(C, block_c))](
+        _runtime.launcher(_mask_and_partial_sums_kernel)[(N * chunks, triton.cdiv(C, block_c))](
             g, o, grad_input, partial, C, HW, s_per_prog, chunks, stride_n, stride_c, stride_s,
             BLOCK_S=block_s, BLOCK_C=block_c, F64=f64, num_warps=4)
-        torch.library.wrap_triton(_sum_partials_kernel)[(triton.cdiv(C, 32),)](
+        _runtime.launcher(_sum_partials_kernel)[(triton.cdiv(C, 32),)](
             partial, grad_bias, N * chunks, C, BLOCK_R=64, BLOCK_C=32, F64=f64,
             INTERPRETED=_runtime.is_interpreted(_sum_partials_kernel), num_warps=4)
     return grad_input, grad_bias
