@@ -34,7 +34,7 @@
 namespace cnnkernels {
 
 std::vector<std::string> cuda_kernel_names() {
-  std::vector<std::string> names = {"add_relu", "conv_implicit_gemm", "conv_direct"};
+  std::vector<std::string> names = {"add_relu", "relu_backward_bias_grad", "conv_implicit_gemm", "conv_direct"};
 #ifdef CNNKERNELS_WITH_CUTLASS
   names.push_back("conv_cutlass_sm90_bf16");
   names.push_back("conv_cutlass_sm90_fp16");

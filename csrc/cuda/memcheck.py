@@ -6,7 +6,7 @@
 Without the caching allocator every tensor is its own cudaMalloc, so an access past a tensor's
 end is an error instead of a silent read of a neighbour. Each result is also compared with a
 float64 reference, and the script exits non-zero when one is wrong. `--only generic` (or
-add_relu, cutlass) narrows it, e.g. for `compute-sanitizer --tool racecheck`, which is slower.
+add_relu, relu_backward, cutlass) narrows it, e.g. for `compute-sanitizer --tool racecheck`, which is slower.
 """
 import argparse
 import os
@@ -52,6 +52,29 @@ def run_add_relu():
             b = torch.randn(n + offset, device="cuda", dtype=dtype)[offset:]
             check(f"add_relu {dtype} n={n} offset={offset}", ops.add_relu(a, b),
                   torch.relu(a.double() + b.double()).cpu(), TOL[dtype])
+
+
+def run_relu_backward():
+    # (N, C, H, W): the 16-byte paths (C or H*W a multiple of 8), odd C and H*W (the scalar paths),
+    # H*W == 1 (NCHW read as channels_last), an NCHW plane large enough to be split into chunks,
+    # and an empty batch. "sliced" is copied to a dense channels_last tensor first.
+    shapes = [(2, 64, 7, 8), (2, 3, 5, 7), (1, 67, 9, 1), (3, 5, 1, 1), (1, 2, 256, 256), (0, 3, 4, 4)]
+    for dtype in TOL:
+        for shape in shapes:
+            for fmt in ("nchw", "channels_last", "sliced"):
+                grad = layout(torch.randn(shape, device="cuda", dtype=dtype), fmt)
+                output = torch.randn(shape, device="cuda", dtype=dtype)
+                output.view(-1)[: min(1, output.numel())] = float("nan")  # passes grad through
+                output = layout(output, fmt)
+                ref = torch.ops.aten.threshold_backward(grad.double().cpu(), output.double().cpu(), 0)
+                grad_pre_relu, grad_bias = ops.relu_backward_bias_grad(grad, output)
+                name = f"relu_backward_bias_grad {dtype} {shape} {fmt}"
+                check(name + " grad_pre_relu", grad_pre_relu, ref, 0)
+                check(name + " grad_bias", grad_bias, ref.sum((0, 2, 3)), TOL[dtype])
+                again = ops.relu_backward_bias_grad(grad, output)[1]
+                if not torch.equal(grad_bias.view(torch.uint8), again.view(torch.uint8)):
+                    print(f"FAIL {name}: grad_bias differs between two runs")
+                    failures.append(name + " deterministic")
 
 
 def run_conv(kernel, dtype, shape, fmt, residual, bias=True):
@@ -101,11 +124,12 @@ def run_cutlass():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["add_relu", "generic", "cutlass"])
+    parser.add_argument("--only", choices=["add_relu", "relu_backward", "generic", "cutlass"])
     args = parser.parse_args()
     if not torch.cuda.is_available() or not _extension.has_cuda_kernels():
         sys.exit(f"needs a GPU and cnnkernels._C with CUDA kernels ({_extension.problem()})")
-    runs = {"add_relu": run_add_relu, "generic": run_generic, "cutlass": run_cutlass}
+    runs = {"add_relu": run_add_relu, "relu_backward": run_relu_backward, "generic": run_generic,
+            "cutlass": run_cutlass}
     for name, run in runs.items():
         if args.only in (None, name):
             run()

@@ -30,19 +30,22 @@ template <class Kernel>
 void launch_on_cpu(EmulatedDim3 grid, unsigned threads, Kernel kernel) {
   gridDim = grid;
   blockDim = {threads, 1, 1};
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        std::barrier<> barrier(threads);
-        std::vector<std::thread> block;
-        for (unsigned t = 0; t < threads; ++t) {
-          block.emplace_back([&, t] {
-            threadIdx = {t, 0, 0};
+  // One std::thread per CUDA thread for the whole launch, running the blocks in turn; the barrier
+  // at the end of each block keeps them one at a time (the __shared__ statics are per kernel).
+  std::barrier<> barrier(threads);
+  std::vector<std::thread> block;
+  for (unsigned t = 0; t < threads; ++t) {
+    block.emplace_back([&, t] {
+      threadIdx = {t, 0, 0};
+      block_barrier = &barrier;
+      for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+          for (unsigned bx = 0; bx < grid.x; ++bx) {
             blockIdx = {bx, by, bz};
-            block_barrier = &barrier;
             kernel();
-          });
-        }
-        for (auto& thread : block) thread.join();
-      }
+            barrier.arrive_and_wait();
+          }
+    });
+  }
+  for (auto& thread : block) thread.join();
 }
