@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -25,76 +26,109 @@
 namespace cnnkernels::cpu {
 namespace {
 
-constexpr int64_t kLanes = 16;
+constexpr int64_t kLanes = 32;  // independent accumulators per NCHW plane: two AVX-512 vectors of float
 constexpr int64_t kMaxChunks = 256;  // bounds the partial sums' memory: kMaxChunks x C accumulators
 
-// `out <= 0` is false for NaN, so a NaN output lets the gradient through, as threshold_backward does.
+// The element rule of each dtype, on its storage type: v() is the masked gradient and acc() its
+// value in the accumulation type. `out <= 0` is false for NaN, so a NaN output lets the gradient
+// through, as threshold_backward does.
 template <typename T>
-[[gnu::always_inline]] inline T masked(T grad, T out) {
-  return static_cast<at::opmath_type<T>>(out) <= 0 ? T(0) : grad;
-}
+struct FloatRule {
+  using Storage = T;
+  using Acc = T;
+  [[gnu::always_inline]] static T v(T grad, T out) { return out <= T(0) ? T(0) : grad; }
+  [[gnu::always_inline]] static T acc(T v) { return v; }
+};
+
+// 16-bit floats are compared on their bits, which vectorizes where a conversion of every value
+// does not: out <= 0 is +-0, or a sign bit with a magnitude up to infinity's (above it is NaN).
+template <uint16_t kInfinityBits>
+struct Bits16Rule {
+  using Storage = uint16_t;
+  using Acc = float;
+  [[gnu::always_inline]] static uint16_t v(uint16_t grad, uint16_t out) {
+    const uint16_t magnitude = out & 0x7FFF;
+    const bool at_most_zero = magnitude == 0 || ((out & 0x8000) && magnitude <= kInfinityBits);
+    return at_most_zero ? uint16_t{0} : grad;
+  }
+};
+struct BFloat16Rule : Bits16Rule<0x7F80> {
+  [[gnu::always_inline]] static float acc(uint16_t v) {
+    const uint32_t bits = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  }
+};
+struct HalfRule : Bits16Rule<0x7C00> {
+  [[gnu::always_inline]] static float acc(uint16_t v) { return c10::detail::fp16_ieee_to_fp32_value(v); }
+};
+
+template <typename T> struct RuleOf { using type = FloatRule<T>; };
+template <> struct RuleOf<at::BFloat16> { using type = BFloat16Rule; };
+template <> struct RuleOf<at::Half> { using type = HalfRule; };
 
 // channels_last: `rows` rows of C channels. acc[c] += each row's masked gradient.
-template <typename T>
-[[gnu::always_inline]] inline void rows_loop(const T* g, const T* o, T* gi, at::opmath_type<T>* acc,
-                                             int64_t rows, int64_t C) {
+template <typename Rule, typename S = typename Rule::Storage, typename A = typename Rule::Acc>
+[[gnu::always_inline]] inline void rows_loop(const S* g, const S* o, S* gi, A* acc, int64_t rows, int64_t C) {
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t base = r * C;
     for (int64_t c = 0; c < C; ++c) {
-      const T v = masked(g[base + c], o[base + c]);
+      const S v = Rule::v(g[base + c], o[base + c]);
       gi[base + c] = v;
-      acc[c] += static_cast<at::opmath_type<T>>(v);
+      acc[c] += Rule::acc(v);
     }
   }
 }
 
 // NCHW: one plane of n elements; returns its sum, added in a fixed lane order.
-template <typename T>
-[[gnu::always_inline]] inline at::opmath_type<T> plane_loop(const T* g, const T* o, T* gi, int64_t n) {
-  using acc_t = at::opmath_type<T>;
-  acc_t lanes[kLanes] = {};
+template <typename Rule, typename S = typename Rule::Storage, typename A = typename Rule::Acc>
+[[gnu::always_inline]] inline A plane_loop(const S* g, const S* o, S* gi, int64_t n) {
+  A lanes[kLanes] = {};
   const int64_t full = n - n % kLanes;
   for (int64_t i = 0; i < full; i += kLanes) {
     for (int64_t l = 0; l < kLanes; ++l) {
-      const T v = masked(g[i + l], o[i + l]);
+      const S v = Rule::v(g[i + l], o[i + l]);
       gi[i + l] = v;
-      lanes[l] += static_cast<acc_t>(v);
+      lanes[l] += Rule::acc(v);
     }
   }
   for (int64_t i = full; i < n; ++i) {
-    const T v = masked(g[i], o[i]);
+    const S v = Rule::v(g[i], o[i]);
     gi[i] = v;
-    lanes[i - full] += static_cast<acc_t>(v);
+    lanes[i - full] += Rule::acc(v);
   }
-  acc_t sum = 0;
+  A sum = 0;
   for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
   return sum;
 }
 
-#define CNNKERNELS_DEFINE_LOOPS(T, SUFFIX)                                                          \
-  CNNKERNELS_VECTOR_CLONES void rows_##SUFFIX(const T* g, const T* o, T* gi, at::opmath_type<T>* acc, \
-                                              int64_t rows, int64_t C) {                            \
-    rows_loop<T>(g, o, gi, acc, rows, C);                                                           \
-  }                                                                                                 \
-  CNNKERNELS_VECTOR_CLONES at::opmath_type<T> plane_##SUFFIX(const T* g, const T* o, T* gi, int64_t n) { \
-    return plane_loop<T>(g, o, gi, n);                                                              \
+// One vectorized clone set per dtype; rows_span/plane_sum pick it by the element type.
+#define CNNKERNELS_DEFINE_LOOPS(T, SUFFIX)                                                             \
+  using Rule_##SUFFIX = RuleOf<T>::type;                                                               \
+  using S_##SUFFIX = Rule_##SUFFIX::Storage;                                                           \
+  using A_##SUFFIX = Rule_##SUFFIX::Acc;                                                               \
+  CNNKERNELS_VECTOR_CLONES void rows_##SUFFIX(const S_##SUFFIX* g, const S_##SUFFIX* o, S_##SUFFIX* gi, \
+                                              A_##SUFFIX* acc, int64_t rows, int64_t C) {              \
+    rows_loop<Rule_##SUFFIX>(g, o, gi, acc, rows, C);                                                  \
+  }                                                                                                    \
+  CNNKERNELS_VECTOR_CLONES A_##SUFFIX plane_##SUFFIX(const S_##SUFFIX* g, const S_##SUFFIX* o,         \
+                                                     S_##SUFFIX* gi, int64_t n) {                      \
+    return plane_loop<Rule_##SUFFIX>(g, o, gi, n);                                                     \
+  }                                                                                                    \
+  inline void rows_span(const T* g, const T* o, T* gi, A_##SUFFIX* acc, int64_t rows, int64_t C) {     \
+    rows_##SUFFIX(reinterpret_cast<const S_##SUFFIX*>(g), reinterpret_cast<const S_##SUFFIX*>(o),      \
+                  reinterpret_cast<S_##SUFFIX*>(gi), acc, rows, C);                                    \
+  }                                                                                                    \
+  inline A_##SUFFIX plane_sum(const T* g, const T* o, T* gi, int64_t n) {                              \
+    return plane_##SUFFIX(reinterpret_cast<const S_##SUFFIX*>(g), reinterpret_cast<const S_##SUFFIX*>(o), \
+                          reinterpret_cast<S_##SUFFIX*>(gi), n);                                       \
   }
 CNNKERNELS_DEFINE_LOOPS(float, f32)
 CNNKERNELS_DEFINE_LOOPS(double, f64)
 CNNKERNELS_DEFINE_LOOPS(at::BFloat16, bf16)
 CNNKERNELS_DEFINE_LOOPS(at::Half, f16)
 #undef CNNKERNELS_DEFINE_LOOPS
-
-#define CNNKERNELS_OVERLOADS(T, SUFFIX)                                                                  \
-  inline void rows_span(const T* g, const T* o, T* gi, at::opmath_type<T>* acc, int64_t r, int64_t C) { \
-    rows_##SUFFIX(g, o, gi, acc, r, C);                                                                  \
-  }                                                                                                      \
-  inline at::opmath_type<T> plane_sum(const T* g, const T* o, T* gi, int64_t n) { return plane_##SUFFIX(g, o, gi, n); }
-CNNKERNELS_OVERLOADS(float, f32)
-CNNKERNELS_OVERLOADS(double, f64)
-CNNKERNELS_OVERLOADS(at::BFloat16, bf16)
-CNNKERNELS_OVERLOADS(at::Half, f16)
-#undef CNNKERNELS_OVERLOADS
 
 template <typename T>
 void channels_last_pass(const T* g, const T* o, T* gi, T* grad_bias, int64_t rows, int64_t C) {
