@@ -8,12 +8,6 @@
 #include "../conv_args.h"
 #include "elementwise.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CNNKERNELS_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CNNKERNELS_VECTOR_CLONES
-#endif
-
 namespace cnnkernels::cpu {
 namespace {
 

@@ -1,6 +1,14 @@
 #pragma once
 #include <ATen/ATen.h>
 
+// Marks a loop function to be compiled for AVX-512, AVX2 and baseline x86-64, the best one picked
+// when the extension loads: vectorized code that still runs on any x86-64 CPU.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CNNKERNELS_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CNNKERNELS_VECTOR_CLONES
+#endif
+
 namespace cnnkernels::cpu {
 
 // out = relu(a + b) over `a`'s elements in storage order, or out = relu(a) when `b` is

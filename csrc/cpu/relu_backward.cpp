@@ -16,12 +16,7 @@
 #include <vector>
 
 #include "../conv_args.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CNNKERNELS_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CNNKERNELS_VECTOR_CLONES
-#endif
+#include "elementwise.h"
 
 namespace cnnkernels::cpu {
 namespace {
