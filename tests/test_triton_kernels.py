@@ -490,3 +490,14 @@ def test_gpu_torch_compile_fullgraph():
     expected = triton_ops.add_relu_triton(triton_ops.conv2d_add_relu_triton(x, w, residual, None, [1, 1], [1, 1], [1, 1], 1), residual)
     assert out.stride() == expected.stride()
     torch.testing.assert_close(out, expected)
+
+
+def test_every_kernel_compiles_for_hopper():
+    """Triton's compiler and ptxas run without a GPU: every kernel, in the configs its launch
+    code picks, must compile for sm_90 (the interpreter checks none of tl.dot's rules).
+    tests/triton_hopper_compile.py without --quick covers every dtype."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_hopper_compile.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+    assert "0 failed" in done.stdout and "wgmma" in done.stdout  # 16-bit tiles reach Hopper's wgmma

@@ -1,0 +1,119 @@
+"""Compiles every Triton kernel, in every config its launch code would try, for Hopper (sm_90)
+without a GPU: Triton's compiler and ptxas run on the CPU. Catches what the interpreter cannot
+(tl.dot shape and dtype rules, layouts, register limits, compiler crashes) before a GPU run.
+
+    python tests/triton_hopper_compile.py [--quick]      (TRITON_INTERPRET must be unset)
+
+--quick (what CI runs, about a minute): bf16 and fp32 only, every layer kind once, with a
+residual. The full run (about 5 minutes on 2 cores) adds fp16, fp64 and both residual choices.
+
+The ops run on CPU tensors with their launches replaced by compilation, so the same code that
+picks configs and arguments on a GPU picks them here. Prints one line per compiled kernel variant
+and exits non-zero if any failed.
+"""
+import itertools
+import os
+import sys
+import traceback
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("unset TRITON_INTERPRET: this compiles the kernels for a GPU")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from cnnkernels.triton_ops import _autotune, _runtime, add_relu, conv, relu_backward  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float64: "*fp64"}
+compiled, failures = set(), []
+
+
+def signature(kernel, args, kwargs):
+    bound = dict(zip(kernel.arg_names, args), **kwargs)
+    sig, constexprs = {}, {}
+    for p in kernel.params:
+        value = bound[p.name]
+        if p.is_constexpr:
+            sig[p.name], constexprs[p.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            sig[p.name] = POINTER_TYPES[value.dtype]
+        elif isinstance(value, bool):
+            sig[p.name] = "i1"
+        elif isinstance(value, int):
+            sig[p.name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+        else:
+            raise TypeError(f"{kernel.__name__}: argument {p.name} of type {type(value).__name__}")
+    return sig, constexprs
+
+
+def compile_for_hopper(kernel, args, kwargs):
+    kwargs = dict(kwargs)
+    options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3)}
+    sig, constexprs = signature(kernel, args, kwargs)
+    key = (kernel.__name__, tuple(sorted(sig.items())), tuple(sorted(constexprs.items())), tuple(options.items()))
+    if key in compiled:
+        return
+    compiled.add(key)
+    label = f"{kernel.__name__} {options} " + " ".join(f"{k}={v}" for k, v in constexprs.items())
+    try:
+        binary = triton.compile(ASTSource(kernel, sig, constexprs), target=HOPPER, options=options)
+        mma = "wgmma" if "wgmma" in binary.asm["ptx"] else "mma" if "mma.sync" in binary.asm["ptx"] else "no mma"
+        print(f"ok   {label}: {binary.metadata.shared} B shared, {mma}", flush=True)
+    except Exception:  # noqa: BLE001 - report every failing variant, not only the first
+        failures.append(label)
+        print(f"FAIL {label}\n{traceback.format_exc(limit=3)}", flush=True)
+
+
+class CompilingLauncher:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: compile_for_hopper(self.kernel, args, kwargs)
+
+
+def every_candidate(self, device, key, candidates, bench, can_run):
+    for config in candidates:
+        bench(config)
+    return candidates[0]
+
+
+_runtime.launcher = CompilingLauncher
+_autotune.is_hopper = lambda device: True
+_autotune.bench_ms = lambda fn: (fn(), 1.0)[1]
+_autotune.Tuner.pick = every_candidate
+
+
+def t(*shape, dtype, channels_last=False):
+    x = torch.randn(*shape, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def main(quick):
+    dtypes = [torch.bfloat16, torch.float32] if quick else [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+    # (input, weight shape, stride, padding, dilation, groups): FLAT_K (few channels), channel
+    # blocks (EVEN_C or not), padding, depthwise, grouped; big enough that no tile is clamped.
+    convs = [((8, 3, 64, 64), (64, 3, 7, 7), 2, 3, 1, 1), ((8, 64, 32, 32), (128, 64, 3, 3), 1, 1, 1, 1),
+             ((8, 256, 16, 16), (256, 256, 1, 1), 1, 0, 1, 1), ((8, 40, 16, 16), (64, 40, 3, 3), 1, 1, 2, 1),
+             ((8, 64, 32, 32), (64, 1, 3, 3), 1, 1, 1, 64), ((8, 64, 16, 16), (128, 32, 3, 3), 1, 1, 1, 2)]
+    for dtype, (xs, ws, stride, pad, dil, groups), residual in itertools.product(dtypes, convs,
+                                                                                (True,) if quick else (False, True)):
+        x, w, b = t(*xs, dtype=dtype, channels_last=True), t(*ws, dtype=dtype, channels_last=True), t(ws[0], dtype=dtype)
+        oh = (xs[2] + 2 * pad - dil * (ws[2] - 1) - 1) // stride + 1
+        r = t(xs[0], ws[0], oh, oh, dtype=dtype, channels_last=True) if residual else None
+        for allow_tf32 in ((False, True) if dtype == torch.float32 else (False,)):
+            _runtime.cudnn_conv_allows_tf32 = lambda: allow_tf32
+            conv._conv2d_fused(x, w, r, b, (stride, stride), (pad, pad), (dil, dil), groups)
+    for dtype, channels_last in itertools.product(dtypes, (False, True)):
+        a = t(4, 64, 14, 14, dtype=dtype, channels_last=channels_last)
+        add_relu.add_relu_triton(a, a)
+        relu_backward.relu_backward_bias_grad_triton(a, a)
+    print(f"{len(compiled)} kernel variants compiled for sm_90, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(quick="--quick" in sys.argv[1:]))
