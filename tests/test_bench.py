@@ -166,6 +166,20 @@ def _train_record(name, contender, ms, peak_mib=None, loss=2.0, batch=64):
             "loss_after_warmup": loss}
 
 
+def test_train_ours_cuda_runs_the_zoo_model_on_the_extension(monkeypatch):
+    """An ours_<backend> contender's step runs the zoo model under use_backend(<backend>)."""
+    import cnnkernels
+    from cnnkernels.bench import train
+    seen = []
+    eager, _, ours = train.build_models("lenet5", seed=0)
+    x, y = train.make_batch("lenet5", 2, train.num_classes(eager), torch.float32, "cpu", seed=0)
+    monkeypatch.setattr(cnnkernels.backends, "select",
+                        lambda op, device, unsupported, _real=cnnkernels.backends.select:
+                        seen.append(cnnkernels.get_backend()) or _real(op, device, unsupported))
+    train.TrainStep("ours_cuda", ours, "cpu", torch.float32, x, y)()
+    assert seen and set(seen) == {"cuda"}
+
+
 def test_train_summary_speedup_memory_and_loss_flags():
     from cnnkernels.bench import train
     records = [_train_record("resnet50", "eager", 100.0, 5000.0), _train_record("resnet50", "ours", 90.0, 4900.0),
@@ -203,6 +217,7 @@ def test_train_plan_defaults_and_overrides():
                                                                                                  ("lenet5", 4)]
     assert plan("--models", "vgg16", device="cuda").cases == [("vgg16", 64)]
     assert plan("--contenders", "ours,eager").contenders == ["eager", "ours"]
+    assert plan("--contenders", "ours_triton,eager,ours_cuda").contenders == ["eager", "ours_cuda", "ours_triton"]
     for bad in (["--models", "nosuchnet"], ["--models", "vgg16,lenet5", "--model-batch", "1,2,3"],
                 ["--contenders", "cudnn_fused"], ["--layers", "vgg16"]):
         with pytest.raises(SystemExit):

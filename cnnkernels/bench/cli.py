@@ -83,7 +83,7 @@ def parser():
     p.add_argument("--train", action="store_true",
                    help="time a training step (forward, backward, SGD step) of whole models instead: eager "
                         "(torchvision) vs ours (the cnnkernels.models zoo); with --models and --model-batch (one "
-                        "batch for all, or one per model), --dtype, --contenders of eager, ours, compile")
+                        "batch for all, or one per model), --dtype, --contenders of eager, ours, ours_cuda, ours_triton, compile")
     p.add_argument("--train-compile", action="store_true",
                    help="with --train: also torch.compile of the eager model (on in --full; compiling a ResNet-50 "
                         "training step takes minutes)")

@@ -9,6 +9,9 @@ in the run's dtype and channels_last. Contenders, all starting from the same wei
            reference mode: the same plain PyTorch modules
   ours     cnnkernels.models.<name>() with torchvision's state_dict loaded, under
            cnnkernels.use_backend("auto"): its forward calls the fused ops
+  ours_cuda, ours_triton
+           the same under use_backend("cuda") / use_backend("triton"): our kernels whatever
+           "auto" picks today; only when asked for with --contenders
   compile  torch.compile of the eager model (the optimizer step stays eager); only with
            --train-compile or --full, as compiling a ResNet-50 training step takes minutes
 
@@ -44,8 +47,13 @@ from .contenders import compiled
 from .shapes import MODEL_INPUTS
 from .timing import make_timer
 
-CONTENDERS = ("eager", "ours", "compile")
+CONTENDERS = ("eager", "ours", "ours_cuda", "ours_triton", "compile")
 OURS_BACKEND = "auto"
+
+
+def backend_of(contender):
+    """The cnnkernels backend an "ours*" contender runs: "ours" is auto, "ours_cuda" the C++ extension."""
+    return OURS_BACKEND if contender == "ours" else contender.split("_", 1)[1]
 TARGET_SPEEDUP = 1.05  # issue 7: ours at least 1.05x eager cuDNN, peak memory no higher
 LOSS_RTOL = 0.05
 LR, MOMENTUM = 0.01, 0.9
@@ -130,9 +138,9 @@ class TrainStep:
         self.forward = compiled(self.model, "compile") if contender == "compile" else self.model
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM)
         self.context = contextlib.nullcontext
-        if contender == "ours":
+        if contender.startswith("ours"):
             import cnnkernels
-            self.context = lambda: cnnkernels.use_backend(OURS_BACKEND)
+            self.context = lambda: cnnkernels.use_backend(backend_of(contender))
         self.x, self.y, self.losses = x, y, []
 
     def __call__(self, i=0):
@@ -192,14 +200,15 @@ class TrainRunner:
             for c in self.plan.contenders:
                 self._add(name, batch, dtype, c, status=status, message=f"{type(error).__name__}: {error}"[:300])
             return
-        runs = {"eager": eager_runs, "ours": f"cnnkernels.models.{name}, use_backend({OURS_BACKEND!r})",
-                "compile": f"torch.compile({eager_runs})"}
+        runs = {c: f"cnnkernels.models.{name}, use_backend({backend_of(c)!r})" for c in CONTENDERS
+                if c.startswith("ours")}
+        runs.update(eager=eager_runs, compile=f"torch.compile({eager_runs})")
         for contender in self.plan.contenders:
             if self._over_budget():
                 self._add(name, batch, dtype, contender, status="skipped", message=skip)
                 continue
             print(f"[train] {label} {contender}", file=sys.stderr, flush=True)
-            self._measure(name, batch, dtype, contender, ours if contender == "ours" else eager, runs[contender],
+            self._measure(name, batch, dtype, contender, ours if contender.startswith("ours") else eager, runs[contender],
                           x, y)
         del eager, ours, x, y
         self._free()
