@@ -21,45 +21,48 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
 from cnnkernels.triton_ops import _autotune, _runtime, add_relu, conv, relu_backward  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
-POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float64: "*fp64"}
 compiled, failures = set(), []
 
 
-def signature(kernel, args, kwargs):
+def specialization(kernel, args, kwargs):
+    """(signature, constexprs, attrs) as a launch builds them: Triton's own specializer makes ints
+    equal to 1 constants and marks 16-divisible ints and 16-byte-aligned pointers, which decides
+    vectorized loads and software pipelining."""
     bound = dict(zip(kernel.arg_names, args), **kwargs)
-    sig, constexprs = {}, {}
-    for p in kernel.params:
+    sig, constexprs, attrs = {}, {}, {}
+    for index, p in enumerate(kernel.params):
         value = bound[p.name]
         if p.is_constexpr:
             sig[p.name], constexprs[p.name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            sig[p.name] = POINTER_TYPES[value.dtype]
-        elif isinstance(value, bool):
-            sig[p.name] = "i1"
-        elif isinstance(value, int):
-            sig[p.name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
-        else:
-            raise TypeError(f"{kernel.__name__}: argument {p.name} of type {type(value).__name__}")
-    return sig, constexprs
+            continue
+        kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+        sig[p.name] = kind
+        if kind == "constexpr":
+            constexprs[p.name] = spec
+        elif isinstance(spec, str) and spec:
+            attrs[(index,)] = BaseBackend.parse_attr(spec)
+    return sig, constexprs, attrs
 
 
 def compile_for_hopper(kernel, args, kwargs):
     kwargs = dict(kwargs)
     options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3)}
-    sig, constexprs = signature(kernel, args, kwargs)
-    key = (kernel.__name__, tuple(sorted(sig.items())), tuple(sorted(constexprs.items())), tuple(options.items()))
+    sig, constexprs, attrs = specialization(kernel, args, kwargs)
+    key = (kernel.__name__, tuple(sorted(sig.items())), tuple(sorted(constexprs.items())), tuple(sorted(attrs)),
+           tuple(options.items()))
     if key in compiled:
         return
     compiled.add(key)
     label = f"{kernel.__name__} {options} " + " ".join(f"{k}={v}" for k, v in constexprs.items())
     try:
-        binary = triton.compile(ASTSource(kernel, sig, constexprs), target=HOPPER, options=options)
+        binary = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=HOPPER, options=options)
         mma = "wgmma" if "wgmma" in binary.asm["ptx"] else "mma" if "mma.sync" in binary.asm["ptx"] else "no mma"
         print(f"ok   {label}: {binary.metadata.shared} B shared, {mma}", flush=True)
     except Exception:  # noqa: BLE001 - report every failing variant, not only the first
