@@ -13,7 +13,10 @@ and exits non-zero if any failed.
 """
 import itertools
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import traceback
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -28,7 +31,18 @@ from triton.runtime.jit import native_specialize_impl  # noqa: E402
 from cnnkernels.triton_ops import _autotune, _runtime, add_relu, conv, relu_backward  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
-compiled, failures = set(), []
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+compiled, failures, spilling = set(), [], []
+
+
+def registers_and_local_bytes(cubin):
+    """From cuobjdump's resource usage: registers per thread and local memory (spills) per thread."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    reg, local = re.search(r"REG:(\d+)", usage), re.search(r"LOCAL:(\d+)", usage)
+    return (int(reg.group(1)) if reg else None), (int(local.group(1)) if local else None)
 
 
 def specialization(kernel, args, kwargs):
@@ -64,7 +78,11 @@ def compile_for_hopper(kernel, args, kwargs):
     try:
         binary = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=HOPPER, options=options)
         mma = "wgmma" if "wgmma" in binary.asm["ptx"] else "mma" if "mma.sync" in binary.asm["ptx"] else "no mma"
-        print(f"ok   {label}: {binary.metadata.shared} B shared, {mma}", flush=True)
+        regs, local = registers_and_local_bytes(binary.asm["cubin"])
+        if local:
+            spilling.append(label)
+        print(f"ok   {label}: {regs} registers, {local} B local (spills), {binary.metadata.shared} B shared, {mma}",
+              flush=True)
     except Exception:  # noqa: BLE001 - report every failing variant, not only the first
         failures.append(label)
         print(f"FAIL {label}\n{traceback.format_exc(limit=3)}", flush=True)
@@ -114,7 +132,7 @@ def main(quick):
         a = t(4, 64, 14, 14, dtype=dtype, channels_last=channels_last)
         add_relu.add_relu_triton(a, a)
         relu_backward.relu_backward_bias_grad_triton(a, a)
-    print(f"{len(compiled)} kernel variants compiled for sm_90, {len(failures)} failed")
+    print(f"{len(compiled)} kernel variants compiled for sm_90, {len(failures)} failed, {len(spilling)} spill")
     return 1 if failures else 0
 
 
