@@ -9,6 +9,20 @@ import torch
 _module = None
 _problem = None
 
+# The C++ ops this Python code calls (their schemas are in csrc/ops.cpp).
+REQUIRED_OPS = ("conv2d_relu", "conv2d_add_relu", "add_relu", "relu_backward_bias_grad")
+
+
+def missing_ops(names=REQUIRED_OPS):
+    """The ops of `names` that no loaded library defines under cnnkernels::."""
+    missing = []
+    for name in names:
+        try:
+            getattr(torch.ops.cnnkernels, name)
+        except (AttributeError, RuntimeError):
+            missing.append(name)
+    return missing
+
 
 def _load():
     global _module, _problem
@@ -25,9 +39,16 @@ def _load():
                     "`pip install --no-build-isolation -e .`")
         return
     try:
-        _module = importlib.import_module("cnnkernels._C")
+        module = importlib.import_module("cnnkernels._C")
     except ImportError as error:
         _problem = f"the C++ extension cnnkernels._C failed to load: {error}"
+        return
+    missing = missing_ops()
+    if missing:  # a build older than this Python code
+        _problem = (f"the C++ extension cnnkernels._C is out of date: it lacks cnnkernels::{', '.join(missing)}; "
+                    "rebuild it with `pip install --no-build-isolation -e .`")
+        return
+    _module = module
 
 
 _load()

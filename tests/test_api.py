@@ -189,6 +189,24 @@ def test_extension_built_for_another_torch_is_not_loaded():
     assert "built for torch 1.0.0, running torch " + torch.__version__ in done.stderr, done.stderr
 
 
+def test_extension_lacking_an_op_is_not_used():
+    """A .so older than the Python code (an op missing) is refused with a rebuild hint."""
+    done = _python(
+        "import torch\n"
+        "get = torch._ops._OpNamespace.__getattr__\n"
+        "def hide(self, name):\n"
+        "    if self.__name__.endswith('cnnkernels') and name == 'relu_backward_bias_grad':\n"
+        "        raise AttributeError(name)\n"
+        "    return get(self, name)\n"
+        "torch._ops._OpNamespace.__getattr__ = hide\n"
+        "import cnnkernels\n"
+        "print('backends', cnnkernels.available_backends('cpu'))\n"
+        "with cnnkernels.use_backend('cuda'):\n"
+        "    cnnkernels.add_relu(torch.ones(2), torch.ones(2))\n", TRITON_INTERPRET="1")
+    assert "backends ['auto', 'torch', 'triton']" in done.stdout, done.stderr
+    assert "out of date: it lacks cnnkernels::relu_backward_bias_grad" in done.stderr, done.stderr
+
+
 # --- modules --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs", [dict(padding=1), dict(padding="same", bias=False),
