@@ -15,14 +15,15 @@ import os
 
 import torch
 
-from . import _extension, reference
+from . import _extension, auto_choice, reference
 
 NAMES = ("auto", "triton", "cuda", "torch")
 
-# What "auto" tries, per device type, fastest first. A backend is listed only once the
-# benchmark suite measured it faster than the next one on that device and the tests passed
-# there (benchmarks/results/). No GPU run has verified our CUDA or Triton kernels yet, so
-# on GPUs "auto" is cuDNN through PyTorch.
+# What "auto" tries, per device type, fastest first, for the layer classes that
+# auto_choice.json (derived from benchmarks/results/ by `python -m cnnkernels.auto_choice`)
+# does not list. A backend is listed only once the benchmark suite measured it faster than the
+# next one on that device and the tests passed there. No GPU run has verified our CUDA or
+# Triton kernels yet, so on GPUs "auto" is cuDNN through PyTorch.
 AUTO_ORDER = {
     "cpu": ("cuda", "torch"),
     "cuda": ("torch",),
@@ -163,8 +164,10 @@ def why_unavailable(name, device):
     return BACKENDS[name].problem(torch.device(device))
 
 
-def select(op, device, unsupported):
-    """The backend that runs `op` on `device`. `unsupported(backend)` lists what it cannot do."""
+def select(op, device, unsupported, layer_class=None):
+    """The backend that runs `op` on `device`. `unsupported(backend)` lists what it cannot do;
+    `layer_class()` names the call's class in auto_choice.json, which "auto" follows where the
+    benchmark results measured that class (AUTO_ORDER elsewhere)."""
     name = _current
     if name != "auto":
         backend = BACKENDS[name]
@@ -176,7 +179,9 @@ def select(op, device, unsupported):
             raise NotImplementedError(f"cnnkernels: backend {name!r} does not support this {op} call: "
                                       + "; ".join(reasons))
         return backend
-    for candidate in AUTO_ORDER.get(device.type, ()):
+    measured = auto_choice.order(device.type, layer_class()) if layer_class is not None else None
+    candidates = AUTO_ORDER.get(device.type, ()) if measured is None else measured + ("torch",)
+    for candidate in candidates:
         backend = BACKENDS[candidate]
         if backend.problem(device) is None and not unsupported(backend):
             return backend

@@ -2,12 +2,13 @@
 backends.select() which implementation runs, and calls it."""
 import torch
 
-from . import backends
+from . import auto_choice, backends
 from ._args import check_add_relu, conv_call
 
 
 def _run_conv(call, op):
-    backend = backends.select(op, call.input.device, lambda b: b.conv_unsupported(call))
+    backend = backends.select(op, call.input.device, lambda b: b.conv_unsupported(call),
+                              lambda: auto_choice.conv_class(call))
     out = backend.conv(call)
     return out.squeeze(0) if call.unbatched else out
 
@@ -55,5 +56,6 @@ def conv2d_add_relu(input, weight, residual, bias=None, stride=1, padding=0, dil
 def add_relu(input, other):
     """relu(input + other), for tensors of the same shape, dtype and device."""
     check_add_relu(input, other)
-    backend = backends.select("add_relu", input.device, lambda b: b.add_relu_unsupported(input, other))
+    backend = backends.select("add_relu", input.device, lambda b: b.add_relu_unsupported(input, other),
+                              lambda: auto_choice.add_relu_class(input))
     return backend.add_relu(input, other)
