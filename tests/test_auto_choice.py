@@ -41,6 +41,15 @@ def test_derive_orders_backends_faster_than_pytorch_by_geomean():
                      "add_relu:bfloat16": []}
 
 
+def test_derive_on_a_cpu_keeps_ours_within_the_noise():
+    def records(name, ours_ms):
+        return [dict(name=name, contender="eager", ms_p50=1.0, dtype="float32"),
+                dict(name=name, contender="cuda", ms_p50=ours_ms, dtype="float32")]
+    results = _results("cpu", records("vgg16 64>64 3x3 @224", 1.03) + records("resnet50 256>64 1x1 @56", 1.15))
+    _, table, _ = derive_tool.derive(results)
+    assert table == {"conv:float32:kxk": ["cuda"], "conv:float32:1x1": []}
+
+
 def test_derive_trusts_no_backend_when_gpu_tests_failed():
     records = [dict(name="vgg16 64>64 3x3 @224", contender=c, ms_p50=ms) for c, ms in (("cudnn", 1.0), ("cuda", 0.5))]
     for tests in ({"passed": 10, "failed": 1}, {"passed": 0, "failed": 0}):
