@@ -52,6 +52,11 @@ def order(device_type, key):
     return None if entry is None else tuple(entry)
 
 
+def classes(device_type):
+    """{class: our backends, fastest first} measured for this device type."""
+    return dict(_table().get(device_type, {}))
+
+
 def conv_class(call):
     w = call.weight
     return class_key("conv", dtype_name(call.input.dtype), conv_kind(call.input.shape[1], w.shape[2:], call.groups))

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from . import __version__, _extension, backends
+from . import __version__, _extension, auto_choice, backends
 
 
 def report():
@@ -47,7 +47,9 @@ def report():
             parts.append(f"{name}: {'usable' if why is None else 'not usable: ' + why}")
         lines.append(f"on {device}: " + "; ".join(parts))
         order = [name for name in backends.AUTO_ORDER.get(device, ()) if name != "torch"] + ["torch"]
-        lines.append(f"  auto tries, in order: {', '.join(order)}")
+        for klass, ours in auto_choice.classes(device).items():
+            lines.append(f"  auto for {klass} (measured, auto_choice.json): {', '.join([*ours, 'torch'])}")
+        lines.append(f"  auto for other classes: {', '.join(order)}")
     return "\n".join(lines)
 
 
