@@ -29,6 +29,7 @@ def class_key(op_family, dtype_name, kind=None):
     return f"{op_family}:{dtype_name}" + (f":{kind}" if kind else "")
 
 
+@functools.lru_cache(maxsize=None)
 def dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
@@ -58,8 +59,8 @@ def classes(device_type):
 
 
 def conv_class(call):
-    w = call.weight
-    return class_key("conv", dtype_name(call.input.dtype), conv_kind(call.input.shape[1], w.shape[2:], call.groups))
+    kernel_hw = (call.weight.shape[2], call.weight.shape[3])
+    return class_key("conv", dtype_name(call.input.dtype), conv_kind(call.input.shape[1], kernel_hw, call.groups))
 
 
 def add_relu_class(input):

@@ -100,7 +100,10 @@ def markdown(path):
                 f"device copy {peaks['copy_bytes_per_s'] / 1e9:.4g} GB/s. Roofline fraction = "
                 "max(FLOPs / peak, minimum bytes / copy bandwidth) / measured time.", ""]
     t = s["gpu_tests"]
-    out += [f"GPU tests in the same check: {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped.", ""]
+    if t["passed"] or t["failed"] or t["skipped"]:
+        out += [f"GPU tests in the same check: {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped.", ""]
+    elif not s["device"].startswith("CPU"):  # a GPU run whose tests gave no complete report
+        out += ["GPU tests in the same check: no complete report (not run, or stopped at their time cap).", ""]
 
     if s["layers"]:
         keys = report.LAYER_KEYS
