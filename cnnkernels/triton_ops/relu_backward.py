@@ -16,7 +16,7 @@ from .._args import output_memory_format
 from . import _runtime
 from ._runtime import store_cast
 
-_PARTIAL_ROWS = 1024  # about how many partial sums per channel the first pass leaves
+_PARTIAL_ROWS = 1024  # at most about this many partial sums per channel after the first pass
 
 
 @triton.jit
@@ -83,7 +83,10 @@ def relu_backward_bias_grad_triton(grad: torch.Tensor, output: torch.Tensor) -> 
     channels_last = fmt == torch.channels_last
     block_s, block_c = _tiles(channels_last, C)
     # How many pixels each program covers: a function of the shape only, so the sums' order is fixed.
-    s_per_prog = min(triton.cdiv(HW, block_s), max(1, triton.cdiv(N * HW, _PARTIAL_ROWS * block_s))) * block_s
+    # At most _PARTIAL_ROWS partial sums per channel, and one per 64 pixels or fewer, so that the
+    # fp32 partials stay a few percent of the gradient's bytes when images are small.
+    partial_rows = max(1, min(_PARTIAL_ROWS, N * HW // 64))
+    s_per_prog = min(triton.cdiv(HW, block_s), max(1, triton.cdiv(N * HW, partial_rows * block_s))) * block_s
     chunks = triton.cdiv(HW, s_per_prog)
     f64 = o.dtype == torch.float64
     partial = torch.empty((N * chunks, C), dtype=torch.float64 if f64 else torch.float32, device=o.device)
