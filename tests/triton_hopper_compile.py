@@ -28,7 +28,7 @@ from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
-from cnnkernels.triton_ops import _autotune, _runtime, add_relu, conv, relu_backward  # noqa: E402
+from cnnkernels.triton_ops import _autotune, _runtime, add_relu, batch_norm, conv, relu_backward  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -132,6 +132,10 @@ def main(quick):
         a = t(4, 64, 14, 14, dtype=dtype, channels_last=channels_last)
         add_relu.add_relu_triton(a, a)
         relu_backward.relu_backward_bias_grad_triton(a, a)
+        w, stats = torch.ones(64, dtype=dtype), torch.ones(64, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        for residual in (None, a):
+            batch_norm.batch_norm_relu_train_triton(a, w, w, residual, 1e-5)
+            batch_norm.batch_norm_relu_backward_triton(a, a, a, stats, stats, w, 1e-5, residual is not None)
     print(f"{len(compiled)} kernel variants compiled for sm_90, {len(failures)} failed, {len(spilling)} spill")
     return 1 if failures else 0
 

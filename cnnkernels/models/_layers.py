@@ -1,7 +1,8 @@
 """What every zoo model is built from: conv [→ BN] [→ + residual] [→ ReLU], run the cheapest exact way.
 
-Train mode keeps BatchNorm as it is (batch statistics, running-stat updates) and fuses only what
-it can: conv2d_relu where no BN sits between conv and ReLU, add_relu at a residual block's end.
+Train mode keeps BatchNorm's arithmetic (batch statistics, running-stat updates) and fuses what
+it can: conv2d_relu where no BN sits between conv and ReLU, add_relu at a residual block's end,
+and under the "triton" backend BN + (residual +) ReLU in one kernel pair (cnnkernels/batch_norm.py).
 Eval mode folds each BN into its conv, so every unit becomes one conv2d_relu, conv2d_add_relu or
 plain conv call. reference_mode() runs the models module by module with plain PyTorch ops, exactly
 as torchvision's do; summary() and fuse() trace the models that way.
@@ -17,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cnnkernels
+from .. import batch_norm
 from ..fuse import fold_conv_bn
 
 _REFERENCE = contextvars.ContextVar("cnnkernels_models_reference", default=False)
@@ -103,7 +105,10 @@ def conv_unit(x, conv, bn=None, relu=None, residual=None):
         return relu(y) if relu is not None else y
 
     if bn is not None and not _bn_uses_running_stats(bn):
-        y = bn(conv(x))
+        y = conv(x)
+        if relu is not None and batch_norm.runs_fused(y, bn, residual):
+            return batch_norm.batch_norm_relu_train(y, bn, residual)
+        y = bn(y)
         if residual is not None:
             return cnnkernels.add_relu(y, residual) if relu is not None else y + residual
         return relu(y) if relu is not None else y

@@ -1,6 +1,7 @@
 """Triton implementations of the cnnkernels ops, registered as torch.library triton_ops:
 cnnkernels::conv2d_relu_triton, cnnkernels::conv2d_add_relu_triton, cnnkernels::add_relu_triton,
-and the backward's cnnkernels::relu_backward_bias_grad_triton.
+the backward's cnnkernels::relu_backward_bias_grad_triton, and train-mode BatchNorm + ReLU
+(cnnkernels::batch_norm_relu_train_triton, with its own autograd, in batch_norm.py).
 
 Import with TRITON_INTERPRET=1 set (before triton is first imported) to run them on CPU tensors.
 """
@@ -8,7 +9,7 @@ Import with TRITON_INTERPRET=1 set (before triton is first imported) to run them
 import torch
 
 from .._registration import register_autograd
-from . import add_relu as _add_relu, conv as _conv, relu_backward as _relu_backward  # importing registers the ops
+from . import add_relu as _add_relu, batch_norm as _batch_norm, conv as _conv, relu_backward as _relu_backward  # noqa: F401  (importing registers the ops)
 from .add_relu import add_relu_unsupported_reasons
 from .conv import unsupported_reasons
 

@@ -63,6 +63,17 @@ def _tiles(channels_last: bool, C: int):
     return 256, 4
 
 
+def grid_split(N, C, HW, channels_last):
+    """How the per-channel reductions here and in batch_norm.py split (N, C, H*W): (BLOCK_S,
+    BLOCK_C, pixels per program, programs per image). A function of the shape only, so the sums'
+    order is fixed. At most _PARTIAL_ROWS partial sums per channel, and one per 64 pixels or
+    fewer, so that the fp32 partials stay a few percent of the tensor's bytes when images are small."""
+    block_s, block_c = _tiles(channels_last, C)
+    partial_rows = max(1, min(_PARTIAL_ROWS, N * HW // 64))
+    s_per_prog = max(1, min(triton.cdiv(HW, block_s), triton.cdiv(N * HW, partial_rows * block_s))) * block_s
+    return block_s, block_c, s_per_prog, triton.cdiv(HW, s_per_prog)
+
+
 @torch.library.triton_op("cnnkernels::relu_backward_bias_grad_triton", mutates_args=())
 def relu_backward_bias_grad_triton(grad: torch.Tensor, output: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(grad where output > 0 or NaN else 0, its sum over N, H, W): the ReLU's and the bias's gradients."""
@@ -81,13 +92,7 @@ def relu_backward_bias_grad_triton(grad: torch.Tensor, output: torch.Tensor) -> 
     if not _runtime.should_launch(_mask_and_partial_sums_kernel, g, o) or grad_input.numel() == 0:
         return grad_input, torch.zeros(C, dtype=o.dtype, device=o.device)
     channels_last = fmt == torch.channels_last
-    block_s, block_c = _tiles(channels_last, C)
-    # How many pixels each program covers: a function of the shape only, so the sums' order is fixed.
-    # At most _PARTIAL_ROWS partial sums per channel, and one per 64 pixels or fewer, so that the
-    # fp32 partials stay a few percent of the gradient's bytes when images are small.
-    partial_rows = max(1, min(_PARTIAL_ROWS, N * HW // 64))
-    s_per_prog = min(triton.cdiv(HW, block_s), max(1, triton.cdiv(N * HW, partial_rows * block_s))) * block_s
-    chunks = triton.cdiv(HW, s_per_prog)
+    block_s, block_c, s_per_prog, chunks = grid_split(N, C, HW, channels_last)
     f64 = o.dtype == torch.float64
     partial = torch.empty((N * chunks, C), dtype=torch.float64 if f64 else torch.float32, device=o.device)
     grad_bias = torch.empty(C, dtype=o.dtype, device=o.device)

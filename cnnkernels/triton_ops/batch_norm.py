@@ -1,0 +1,257 @@
+"""Training-mode BatchNorm2d + (residual) + ReLU as Triton kernels, forward and backward: what a
+ResNet unit is in train mode, where BN's batch statistics keep the conv from fusing with it.
+
+Eager PyTorch reads the activation three times and writes it twice in the forward (BN's
+statistics, BN's normalization, then ReLU or add + ReLU); here two reads and one write:
+
+  forward   1. per-channel partial sums of (x - k) and (x - k)^2 (k = x[0, c, 0, 0], a shift
+               that keeps the variance free of cancellation), then their fixed-order total;
+            2. out = relu(x * scale + shift (+ residual)), scale = weight * invstd.
+  backward  1. per-channel partial sums of g' and g' * (x - mean), g' = grad masked by out > 0;
+            2. grad_x = scale * (g' - sum(g') / M - (x - mean) * invstd^2 * sum(g' (x - mean)) / M),
+               and g' itself as the residual's gradient when it needs one.
+
+The per-channel partial sums and their totals follow relu_backward.py's scheme (a split that
+depends only on the shape, no atomics), so results are the same bits on every run. Running
+statistics are updated by the caller (cnnkernels/batch_norm.py) from the returned mean and
+biased variance, as F.batch_norm does.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._args import output_memory_format
+from . import _runtime
+from ._runtime import store_cast
+from .relu_backward import grid_split
+
+
+@triton.jit
+def _channel_partial_sums_kernel(
+    x_ptr, g_ptr, out_ptr, mean_ptr, partial_a_ptr, partial_b_ptr,
+    C, HW, s_per_prog, chunks, stride_n, stride_c, stride_s,
+    BACKWARD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, F64: tl.constexpr,
+):
+    """Forward: sums of (x - k) and (x - k)^2, k = x[0, c, 0, 0]. Backward: sums of g' and
+    g' * (x - mean), g' = g where out > 0 or NaN, else 0."""
+    row = tl.program_id(0)
+    n = row // chunks
+    s_begin = (row % chunks) * s_per_prog
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cs < C
+    acc_t = tl.float64 if F64 else tl.float32
+    if BACKWARD:
+        center = tl.load(mean_ptr + cs, mask=c_ok, other=0.0).to(acc_t)
+    else:
+        center = tl.load(x_ptr + cs.to(tl.int64) * stride_c, mask=c_ok, other=0.0).to(acc_t)
+    acc_a = tl.zeros((BLOCK_S, BLOCK_C), dtype=acc_t)
+    acc_b = tl.zeros((BLOCK_S, BLOCK_C), dtype=acc_t)
+    base = n.to(tl.int64) * stride_n + cs[None, :].to(tl.int64) * stride_c
+    for s0 in range(s_begin, tl.minimum(s_begin + s_per_prog, HW), BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        mask = (ss[:, None] < HW) & c_ok[None, :]
+        offs = base + ss[:, None].to(tl.int64) * stride_s
+        d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t) - center[None, :]
+        d = tl.where(mask, d, 0.0)
+        if BACKWARD:
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_t)
+            o = tl.load(out_ptr + offs, mask=mask, other=0.0)
+            g = tl.where(o <= 0, 0.0, g)
+            acc_a += g
+            acc_b += g * d
+        else:
+            acc_a += d
+            acc_b += d * d
+    at = row.to(tl.int64) * C + cs
+    tl.store(partial_a_ptr + at, tl.sum(acc_a, axis=0), mask=c_ok)
+    tl.store(partial_b_ptr + at, tl.sum(acc_b, axis=0), mask=c_ok)
+
+
+@triton.jit
+def _sum_two_partials_kernel(partial_a_ptr, partial_b_ptr, total_a_ptr, total_b_ptr, rows, C,
+                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc_a = tl.zeros((BLOCK_R, BLOCK_C), dtype=total_a_ptr.dtype.element_ty)
+    acc_b = tl.zeros((BLOCK_R, BLOCK_C), dtype=total_a_ptr.dtype.element_ty)
+    for r0 in range(0, rows, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        mask = (rs[:, None] < rows) & (cs[None, :] < C)
+        at = rs[:, None].to(tl.int64) * C + cs[None, :]
+        acc_a += tl.load(partial_a_ptr + at, mask=mask, other=0.0)
+        acc_b += tl.load(partial_b_ptr + at, mask=mask, other=0.0)
+    tl.store(total_a_ptr + cs, tl.sum(acc_a, axis=0), mask=cs < C)
+    tl.store(total_b_ptr + cs, tl.sum(acc_b, axis=0), mask=cs < C)
+
+
+@triton.jit
+def _bn_elementwise_kernel(
+    x_ptr, g_ptr, out_ptr, res_ptr, dst_ptr, dst_res_ptr, scale_ptr, shift_ptr, coef_ptr,
+    C, HW, s_per_prog, chunks, stride_n, stride_c, stride_s,
+    BACKWARD: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    F64: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    """Forward: dst = relu(x * scale + shift (+ res)). Backward: g' = g masked by out > 0;
+    dst = g' * scale + x * shift + coef (per-channel terms prepared on the host), dst_res = g'."""
+    row = tl.program_id(0)
+    n = row // chunks
+    s_begin = (row % chunks) * s_per_prog
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cs < C
+    acc_t = tl.float64 if F64 else tl.float32
+    scale = tl.load(scale_ptr + cs, mask=c_ok, other=0.0)[None, :]
+    shift = tl.load(shift_ptr + cs, mask=c_ok, other=0.0)[None, :]
+    if BACKWARD:
+        coef = tl.load(coef_ptr + cs, mask=c_ok, other=0.0)[None, :]
+    base = n.to(tl.int64) * stride_n + cs[None, :].to(tl.int64) * stride_c
+    for s0 in range(s_begin, tl.minimum(s_begin + s_per_prog, HW), BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        mask = (ss[:, None] < HW) & c_ok[None, :]
+        offs = base + ss[:, None].to(tl.int64) * stride_s
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        if BACKWARD:
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+            o = tl.load(out_ptr + offs, mask=mask, other=0.0)
+            g = tl.where(o <= 0, tl.zeros_like(g), g)
+            if HAS_RES:
+                tl.store(dst_res_ptr + offs, g, mask=mask)
+            y = g.to(acc_t) * scale + x * shift + coef
+        else:
+            y = x * scale + shift
+            if HAS_RES:
+                y += tl.load(res_ptr + offs, mask=mask, other=0.0).to(acc_t)
+            y = tl.where(y < 0, 0.0, y)  # NaN passes through, like torch.relu
+        tl.store(dst_ptr + offs, store_cast(y, dst_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+
+
+def _layout(t):
+    """(dense tensor in its memory format, N, C, HW, strides (n, c, pixel), channels_last)."""
+    fmt = output_memory_format(t)
+    t = t.contiguous(memory_format=fmt)
+    N, C, H, W = t.shape
+    channels_last = fmt == torch.channels_last
+    strides = (H * W * C, 1, C) if channels_last else (C * H * W, H * W, 1)
+    return t, N, C, H * W, strides, channels_last
+
+
+def _channel_sums(x, g, out, mean, backward):
+    """Per-channel totals (a, b) in the accumulation dtype, as _channel_partial_sums_kernel defines them."""
+    x, N, C, HW, strides, channels_last = _layout(x)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    block_s, block_c, s_per_prog, chunks = grid_split(N, C, HW, channels_last)
+    partial_a = torch.empty((N * chunks, C), dtype=acc_dtype, device=x.device)
+    partial_b = torch.empty_like(partial_a)
+    total_a = torch.empty(C, dtype=acc_dtype, device=x.device)
+    total_b = torch.empty_like(total_a)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = x if g is None else g.contiguous(memory_format=fmt)
+    out = x if out is None else out.contiguous(memory_format=fmt)
+    mean = total_a if mean is None else mean
+    with _runtime.device_guard(x):
+        _runtime.launcher(_channel_partial_sums_kernel)[(N * chunks, triton.cdiv(C, block_c))](
+            x, g, out, mean, partial_a, partial_b, C, HW, s_per_prog, chunks, *strides,
+            BACKWARD=backward, BLOCK_S=block_s, BLOCK_C=block_c, F64=acc_dtype == torch.float64, num_warps=4)
+        _runtime.launcher(_sum_two_partials_kernel)[(triton.cdiv(C, 32),)](
+            partial_a, partial_b, total_a, total_b, N * chunks, C, BLOCK_R=64, BLOCK_C=32, num_warps=4)
+    return total_a, total_b
+
+
+def _elementwise(x, g, out, residual, scale, shift, coef, backward, want_residual_grad):
+    x, N, C, HW, strides, channels_last = _layout(x)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    block_s, block_c, s_per_prog, chunks = grid_split(N, C, HW, channels_last)
+    dst = torch.empty_like(x, memory_format=fmt)
+    dst_res = torch.empty_like(x, memory_format=fmt) if want_residual_grad else dst
+    g = x if g is None else g.contiguous(memory_format=fmt)
+    out = x if out is None else out.contiguous(memory_format=fmt)
+    res = x if residual is None else residual.contiguous(memory_format=fmt)
+    with _runtime.device_guard(x):
+        _runtime.launcher(_bn_elementwise_kernel)[(N * chunks, triton.cdiv(C, block_c))](
+            x, g, out, res, dst, dst_res, scale, shift, scale if coef is None else coef,
+            C, HW, s_per_prog, chunks, *strides,
+            BACKWARD=backward, HAS_RES=(want_residual_grad if backward else residual is not None),
+            BLOCK_S=block_s, BLOCK_C=block_c, F64=x.dtype == torch.float64,
+            INTERPRETED=_runtime.is_interpreted(_bn_elementwise_kernel), num_warps=4)
+    return dst, (dst_res if want_residual_grad else None)
+
+
+def _check(op, x, weight, bias, residual):
+    if x.dim() != 4:
+        raise RuntimeError(f"{op} (Triton): expected 4-D input, got {x.dim()}-D")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t.shape != (x.shape[1],):
+            raise RuntimeError(f"{op} (Triton): expected {name} of size [{x.shape[1]}], got {list(t.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise RuntimeError(f"{op} (Triton): expected residual of size {list(x.shape)}, got {list(residual.shape)}")
+    if x.shape[0] * x.shape[2] * x.shape[3] < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+
+
+@torch.library.triton_op("cnnkernels::batch_norm_relu_train_triton", mutates_args=())
+def batch_norm_relu_train_triton(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                 residual: Optional[torch.Tensor], eps: float) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor]:
+    """(relu(batch_norm(input) * weight + bias (+ residual)), batch mean, biased batch variance)."""
+    _check("batch_norm_relu_train", input, weight, bias, residual)
+    C = input.shape[1]
+    acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    if not _runtime.should_launch(_channel_partial_sums_kernel, input, weight, bias, residual):
+        out = torch.empty_like(input, memory_format=output_memory_format(input))
+        return out, input.new_empty(C, dtype=acc_dtype), input.new_empty(C, dtype=acc_dtype)
+    count = input.numel() // C
+    sum_d, sum_d2 = _channel_sums(input, None, None, None, backward=False)
+    shift_k = input[0, :, 0, 0].to(acc_dtype)
+    mean_d = sum_d / count
+    var = (sum_d2 / count - mean_d * mean_d).clamp_min(0)
+    mean = shift_k + mean_d
+    scale = weight.to(acc_dtype) * torch.rsqrt(var + eps)
+    shift = bias.to(acc_dtype) - mean * scale
+    out, _ = _elementwise(input, None, None, residual, scale, shift, None, backward=False, want_residual_grad=False)
+    return out, mean, var
+
+
+@torch.library.triton_op("cnnkernels::batch_norm_relu_backward_triton", mutates_args=())
+def batch_norm_relu_backward_triton(grad: torch.Tensor, input: torch.Tensor, output: torch.Tensor,
+                                    mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor, eps: float,
+                                    residual_grad: bool) -> List[torch.Tensor]:
+    """[grad_input, grad_weight, grad_bias, grad_residual (empty unless residual_grad)]."""
+    C = input.shape[1]
+    fmt = output_memory_format(input)
+    if not _runtime.should_launch(_channel_partial_sums_kernel, grad, input, output, mean):
+        empty = torch.empty_like(input, memory_format=fmt)
+        return [empty, weight.new_empty(C), weight.new_empty(C),
+                torch.empty_like(empty) if residual_grad else input.new_empty(0)]
+    count = input.numel() // C
+    sum_g, sum_gx = _channel_sums(input, grad, output, mean, backward=True)
+    invstd = torch.rsqrt(var + eps)
+    scale = weight.to(mean.dtype) * invstd
+    # grad_x = scale * (g' - sum_g / M - (x - mean) * invstd^2 * sum_gx / M)
+    #        = g' * scale + x * (-scale * invstd^2 * sum_gx / M) + coef
+    k = scale * invstd * invstd * sum_gx / count
+    coef = -scale * sum_g / count + mean * k
+    grad_input, grad_residual = _elementwise(input, grad, output, None, scale, -k, coef, backward=True,
+                                             want_residual_grad=residual_grad)
+    grad_weight = (sum_gx * invstd).to(weight.dtype)
+    grad_bias = sum_g.to(weight.dtype)
+    return [grad_input, grad_weight, grad_bias, grad_residual if residual_grad else input.new_empty(0)]
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, residual, eps = inputs
+    out, mean, var = output
+    ctx.save_for_backward(input, out, mean, var, weight)
+    ctx.eps = eps
+    ctx.has_residual = residual is not None
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _backward(ctx, grad, _grad_mean, _grad_var):
+    input, out, mean, var, weight = ctx.saved_tensors
+    wants_residual = ctx.has_residual and ctx.needs_input_grad[3]
+    grad_input, grad_weight, grad_bias, grad_residual = batch_norm_relu_backward_triton(
+        grad, input, out, mean, var, weight, ctx.eps, wants_residual)
+    return grad_input, grad_weight, grad_bias, grad_residual if wants_residual else None, None
+
+
+torch.library.register_autograd("cnnkernels::batch_norm_relu_train_triton", _backward, setup_context=_setup_context)

@@ -1,0 +1,131 @@
+"""Train-mode BatchNorm2d + (residual) + ReLU fused in Triton (cnnkernels/batch_norm.py), against
+float64 PyTorch: output, running statistics, and the gradients of input, weight, bias, residual."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import cnnkernels
+from cnnkernels import batch_norm
+from conftest import DEVICES, assert_matches_reference, poisoned_outputs
+
+pytestmark = pytest.mark.usefixtures("_triton_usable")
+
+
+@pytest.fixture
+def _triton_usable(request):
+    device = request.node.callspec.params.get("device", "cpu") if hasattr(request.node, "callspec") else "cpu"
+    why = cnnkernels.backends.why_unavailable("triton", device)
+    if why is not None and device == "cpu":
+        pytest.skip(why)
+
+
+def make_bn(channels, dtype, device, momentum=0.1):
+    bn = nn.BatchNorm2d(channels, momentum=momentum).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    return bn
+
+
+def run(bn, x, residual, grad, fused):
+    x = x.detach().requires_grad_()
+    residual = None if residual is None else residual.detach().requires_grad_()
+    if fused:
+        with cnnkernels.use_backend("triton"):
+            assert batch_norm.runs_fused(x, bn, residual)
+            out = batch_norm.batch_norm_relu_train(x, bn, residual)
+    else:
+        y = bn(x)
+        out = torch.relu(y if residual is None else y + residual)
+    inputs = [x, bn.weight, bn.bias] + ([] if residual is None else [residual])
+    return [out, *torch.autograd.grad(out, inputs, grad), bn.running_mean.clone(), bn.running_var.clone()]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_batch_norm_relu_matches_float64(dtype, memory_format, residual, momentum, device):
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("PyTorch's own CPU batch_norm lacks float16 kernels for the comparison")
+    gen = torch.Generator().manual_seed(0)
+    shape = (3, 21, 9, 10) if device == "cpu" else (16, 64, 28, 28)
+
+    def t(scale=1.0, offset=0.0):  # made in `dtype`, so that the float64 reference sees the same values
+        x = torch.randn(shape, generator=gen) * scale + offset
+        return x.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    x, res, grad = t(3.0, 5.0), (t() if residual else None), t()  # an offset mean: the variance must not cancel
+    torch.manual_seed(0)
+    bn = make_bn(shape[1], dtype, device, momentum)
+
+    def up(t):
+        return None if t is None else t.double()
+    with poisoned_outputs():
+        ours = run(copy.deepcopy(bn), x, res, grad, fused=True)
+    theirs = run(copy.deepcopy(bn), x, res, grad, fused=False)
+    ref64 = run(copy.deepcopy(bn).double(), up(x), up(res), up(grad), fused=False)
+    assert ours[0].is_contiguous(memory_format=memory_format)
+    for mine, pytorch, ref in zip(ours, theirs, ref64):
+        assert_matches_reference(mine, ref, pytorch)
+
+
+def test_num_batches_tracked_and_cumulative_average_like_pytorch():
+    x = torch.randn(4, 3, 5, 5)
+    ours, theirs = make_bn(3, torch.float32, "cpu", momentum=None), None
+    theirs = copy.deepcopy(ours)
+    for step in range(3):
+        run(ours, x + step, None, torch.ones_like(x), fused=True)
+        run(theirs, x + step, None, torch.ones_like(x), fused=False)
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 3
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+def test_gradcheck_in_float64():
+    from cnnkernels.triton_ops.batch_norm import batch_norm_relu_train_triton
+
+    def t(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    x, r, w, b = t(2, 3, 4, 5), t(2, 3, 4, 5), t(3), t(3)
+    assert torch.autograd.gradcheck(lambda *a: batch_norm_relu_train_triton(*a, 1e-5)[0], (x, w, b, r))
+    assert torch.autograd.gradcheck(lambda *a: batch_norm_relu_train_triton(*a, None, 1e-5)[0], (x, w, b))
+
+
+def test_unsupported_calls_run_as_pytorch_does():
+    x = torch.randn(2, 3, 4, 4)
+    bn = make_bn(3, torch.float32, "cpu")
+    assert batch_norm.fused_unsupported(x, bn.eval(), None)
+    assert batch_norm.fused_unsupported(x, nn.BatchNorm2d(3, affine=False), None)
+    assert batch_norm.fused_unsupported(x, bn.train(), torch.randn(2, 3, 4, 5))
+    with cnnkernels.use_backend("torch"):
+        assert not batch_norm.runs_fused(x, bn, None)
+    with cnnkernels.use_backend("triton"):
+        assert batch_norm.runs_fused(x, bn, None)
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            batch_norm.batch_norm_relu_train(torch.randn(1, 3, 1, 1), bn)
+
+
+def test_zoo_basic_block_trains_alike_on_triton_and_torch():
+    """A ResNet block in train mode: the fused BN path (triton) and PyTorch's give the same loss,
+    gradients and running statistics."""
+    from cnnkernels.models.resnet import BasicBlock
+    torch.manual_seed(0)
+    block = BasicBlock(8, 8).train()
+    twin = copy.deepcopy(block)
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    with cnnkernels.use_backend("triton"):
+        loss = block(x).square().mean()
+    with cnnkernels.use_backend("torch"):
+        expected = twin(x).square().mean()
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(block.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for name in ("bn1", "bn2"):
+        torch.testing.assert_close(getattr(block, name).running_var, getattr(twin, name).running_var)
