@@ -53,8 +53,18 @@ def run(bn, x, residual, grad, fused):
 def test_fused_batch_norm_relu_matches_float64(dtype, memory_format, residual, momentum, device):
     if device == "cpu" and dtype == torch.float16:
         pytest.skip("PyTorch's own CPU batch_norm lacks float16 kernels for the comparison")
+    check_against_float64((3, 21, 9, 10) if device == "cpu" else (16, 64, 28, 28), dtype, memory_format, residual,
+                          momentum, device)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_several_programs_per_image_and_channel_blocks(memory_format):
+    """130 channels span two or more channel blocks, and 20x20 images two or more programs each."""
+    check_against_float64((2, 130, 20, 20), torch.float32, memory_format, True, 0.1, "cpu")
+
+
+def check_against_float64(shape, dtype, memory_format, residual, momentum, device):
     gen = torch.Generator().manual_seed(0)
-    shape = (3, 21, 9, 10) if device == "cpu" else (16, 64, 28, 28)
 
     def t(scale=1.0, offset=0.0):  # made in `dtype`, so that the float64 reference sees the same values
         x = torch.randn(shape, generator=gen) * scale + offset
