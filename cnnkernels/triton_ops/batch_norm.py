@@ -25,7 +25,7 @@ import triton.language as tl
 from .._args import output_memory_format
 from . import _runtime
 from ._runtime import store_cast
-from .relu_backward import grid_split
+from .relu_backward import dense_strides, grid_split
 
 
 @triton.jit
@@ -131,8 +131,7 @@ def _layout(t):
     t = t.contiguous(memory_format=fmt)
     N, C, H, W = t.shape
     channels_last = fmt == torch.channels_last
-    strides = (H * W * C, 1, C) if channels_last else (C * H * W, H * W, 1)
-    return t, N, C, H * W, strides, channels_last
+    return t, N, C, H * W, dense_strides(N, C, H * W, channels_last), channels_last
 
 
 def _channel_sums(x, g, out, mean, backward):

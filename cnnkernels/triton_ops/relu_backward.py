@@ -74,6 +74,12 @@ def grid_split(N, C, HW, channels_last):
     return block_s, block_c, s_per_prog, triton.cdiv(HW, s_per_prog)
 
 
+def dense_strides(N, C, HW, channels_last):
+    """(image, channel, pixel) strides of a dense NCHW or channels_last tensor, from its shape: a
+    size-1 dimension's own stride may be anything."""
+    return (HW * C, 1, C) if channels_last else (C * HW, HW, 1)
+
+
 @torch.library.triton_op("cnnkernels::relu_backward_bias_grad_triton", mutates_args=())
 def relu_backward_bias_grad_triton(grad: torch.Tensor, output: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(grad where output > 0 or NaN else 0, its sum over N, H, W): the ReLU's and the bias's gradients."""
@@ -96,11 +102,9 @@ def relu_backward_bias_grad_triton(grad: torch.Tensor, output: torch.Tensor) -> 
     f64 = o.dtype == torch.float64
     partial = torch.empty((N * chunks, C), dtype=torch.float64 if f64 else torch.float32, device=o.device)
     grad_bias = torch.empty(C, dtype=o.dtype, device=o.device)
-    # Dense strides from the shape: a size-1 dimension's own stride may be anything.
-    stride_n, stride_c, stride_s = (HW * C, 1, C) if channels_last else (C * HW, HW, 1)
     with _runtime.device_guard(o):
         _runtime.launcher(_mask_and_partial_sums_kernel)[(N * chunks, triton.cdiv(C, block_c))](
-            g, o, grad_input, partial, C, HW, s_per_prog, chunks, stride_n, stride_c, stride_s,
+            g, o, grad_input, partial, C, HW, s_per_prog, chunks, *dense_strides(N, C, HW, channels_last),
             BLOCK_S=block_s, BLOCK_C=block_c, F64=f64, num_warps=4)
         _runtime.launcher(_sum_partials_kernel)[(triton.cdiv(C, 32),)](
             partial, grad_bias, N * chunks, C, BLOCK_R=64, BLOCK_C=32, F64=f64,
