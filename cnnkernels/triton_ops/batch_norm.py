@@ -25,7 +25,7 @@ import triton.language as tl
 from .._args import output_memory_format
 from . import _runtime
 from ._runtime import store_cast
-from .relu_backward import dense_strides, grid_split
+from .relu_backward import dense_strides, grid_split, pixel_tile, program_pixels_and_channels
 
 
 @triton.jit
@@ -36,10 +36,7 @@ def _channel_partial_sums_kernel(
 ):
     """Forward: sums of (x - k) and (x - k)^2, k = x[0, c, 0, 0]. Backward: sums of g' and
     g' * (x - mean), g' = g where out > 0 or NaN, else 0."""
-    row = tl.program_id(0)
-    n = row // chunks
-    s_begin = (row % chunks) * s_per_prog
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s_begin, s_end, cs, base = program_pixels_and_channels(chunks, s_per_prog, HW, stride_n, stride_c, BLOCK_C)
     c_ok = cs < C
     acc_t = tl.float64 if F64 else tl.float32
     if BACKWARD:
@@ -48,11 +45,8 @@ def _channel_partial_sums_kernel(
         center = tl.load(x_ptr + cs.to(tl.int64) * stride_c, mask=c_ok, other=0.0).to(acc_t)
     acc_a = tl.zeros((BLOCK_S, BLOCK_C), dtype=acc_t)
     acc_b = tl.zeros((BLOCK_S, BLOCK_C), dtype=acc_t)
-    base = n.to(tl.int64) * stride_n + cs[None, :].to(tl.int64) * stride_c
-    for s0 in range(s_begin, tl.minimum(s_begin + s_per_prog, HW), BLOCK_S):
-        ss = s0 + tl.arange(0, BLOCK_S)
-        mask = (ss[:, None] < HW) & c_ok[None, :]
-        offs = base + ss[:, None].to(tl.int64) * stride_s
+    for s0 in range(s_begin, s_end, BLOCK_S):
+        offs, mask = pixel_tile(s0, HW, cs, C, base, stride_s, BLOCK_S)
         d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t) - center[None, :]
         d = tl.where(mask, d, 0.0)
         if BACKWARD:
@@ -64,7 +58,7 @@ def _channel_partial_sums_kernel(
         else:
             acc_a += d
             acc_b += d * d
-    at = row.to(tl.int64) * C + cs
+    at = tl.program_id(0).to(tl.int64) * C + cs
     tl.store(partial_a_ptr + at, tl.sum(acc_a, axis=0), mask=c_ok)
     tl.store(partial_b_ptr + at, tl.sum(acc_b, axis=0), mask=c_ok)
 
@@ -94,21 +88,15 @@ def _bn_elementwise_kernel(
 ):
     """Forward: dst = relu(x * scale + shift (+ res)). Backward: g' = g masked by out > 0;
     dst = g' * scale + x * shift + coef (per-channel terms prepared on the host), dst_res = g'."""
-    row = tl.program_id(0)
-    n = row // chunks
-    s_begin = (row % chunks) * s_per_prog
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s_begin, s_end, cs, base = program_pixels_and_channels(chunks, s_per_prog, HW, stride_n, stride_c, BLOCK_C)
     c_ok = cs < C
     acc_t = tl.float64 if F64 else tl.float32
     scale = tl.load(scale_ptr + cs, mask=c_ok, other=0.0)[None, :]
     shift = tl.load(shift_ptr + cs, mask=c_ok, other=0.0)[None, :]
     if BACKWARD:
         coef = tl.load(coef_ptr + cs, mask=c_ok, other=0.0)[None, :]
-    base = n.to(tl.int64) * stride_n + cs[None, :].to(tl.int64) * stride_c
-    for s0 in range(s_begin, tl.minimum(s_begin + s_per_prog, HW), BLOCK_S):
-        ss = s0 + tl.arange(0, BLOCK_S)
-        mask = (ss[:, None] < HW) & c_ok[None, :]
-        offs = base + ss[:, None].to(tl.int64) * stride_s
+    for s0 in range(s_begin, s_end, BLOCK_S):
+        offs, mask = pixel_tile(s0, HW, cs, C, base, stride_s, BLOCK_S)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
         if BACKWARD:
             g = tl.load(g_ptr + offs, mask=mask, other=0.0)

@@ -20,26 +20,40 @@ _PARTIAL_ROWS = 1024  # at most about this many partial sums per channel after t
 
 
 @triton.jit
+def program_pixels_and_channels(chunks, s_per_prog, HW, stride_n, stride_c, BLOCK_C: tl.constexpr):
+    """This program's share of a grid_split launch: (its first pixel, one past its last, its
+    channels, their offset in its image). Axis 0 runs over (image, chunk of pixels) pairs, axis 1
+    over blocks of BLOCK_C channels."""
+    row = tl.program_id(0)
+    n = row // chunks
+    s_begin = (row % chunks) * s_per_prog
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    base = n.to(tl.int64) * stride_n + cs[None, :].to(tl.int64) * stride_c
+    return s_begin, tl.minimum(s_begin + s_per_prog, HW), cs, base
+
+
+@triton.jit
+def pixel_tile(s0, HW, cs, C, base, stride_s, BLOCK_S: tl.constexpr):
+    """(offsets, mask) of the BLOCK_S pixels from s0 by the program's channels; int64 offsets."""
+    ss = s0 + tl.arange(0, BLOCK_S)
+    return base + ss[:, None].to(tl.int64) * stride_s, (ss[:, None] < HW) & (cs[None, :] < C)
+
+
+@triton.jit
 def _mask_and_partial_sums_kernel(
     grad_ptr, out_ptr, grad_in_ptr, partial_ptr, C, HW, s_per_prog, chunks, stride_n, stride_c, stride_s,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, F64: tl.constexpr,
 ):
-    row = tl.program_id(0)  # one (image, chunk of pixels) pair
-    n = row // chunks
-    s_begin = (row % chunks) * s_per_prog
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s_begin, s_end, cs, base = program_pixels_and_channels(chunks, s_per_prog, HW, stride_n, stride_c, BLOCK_C)
     acc = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float64 if F64 else tl.float32)
-    base = n.to(tl.int64) * stride_n + cs[None, :].to(tl.int64) * stride_c
-    for s0 in range(s_begin, tl.minimum(s_begin + s_per_prog, HW), BLOCK_S):
-        ss = s0 + tl.arange(0, BLOCK_S)
-        mask = (ss[:, None] < HW) & (cs[None, :] < C)
-        offs = base + ss[:, None].to(tl.int64) * stride_s
+    for s0 in range(s_begin, s_end, BLOCK_S):
+        offs, mask = pixel_tile(s0, HW, cs, C, base, stride_s, BLOCK_S)
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0)
         o = tl.load(out_ptr + offs, mask=mask, other=0.0)
         g = tl.where(o <= 0, tl.zeros_like(g), g)  # a NaN output lets the gradient through
         tl.store(grad_in_ptr + offs, g, mask=mask)
         acc += g.to(acc.dtype)
-    tl.store(partial_ptr + row.to(tl.int64) * C + cs, tl.sum(acc, axis=0), mask=cs < C)
+    tl.store(partial_ptr + tl.program_id(0).to(tl.int64) * C + cs, tl.sum(acc, axis=0), mask=cs < C)
 
 
 @triton.jit
