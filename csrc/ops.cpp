@@ -4,6 +4,7 @@
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include "cpu/winograd.h"
 #ifdef CNNKERNELS_WITH_CUDA
 #include "cuda/cuda_kernels.h"
 #endif
@@ -31,7 +32,7 @@ TORCH_LIBRARY(cnnkernels, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  std::vector<std::string> kernels = {"cpu:add_relu", "cpu:conv2d_bias_act", "cpu:relu_backward_bias_grad"};
+  std::vector<std::string> kernels = {"cpu:add_relu", "cpu:conv2d_bias_act", "cpu:conv3x3_winograd", "cpu:relu_backward_bias_grad"};
 #ifdef CNNKERNELS_WITH_CUDA
   for (const auto& name : cnnkernels::cuda_kernel_names()) kernels.push_back("cuda:" + name);
 #endif
@@ -39,4 +40,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("cuda_version") = CNNKERNELS_CUDA_VERSION;  // empty for a CPU-only build
   m.attr("cuda_archs") = CNNKERNELS_CUDA_ARCHS;
   m.attr("kernels") = kernels;
+  m.def("cpu_winograd_runs", &cnnkernels::cpu::winograd_runs,
+        "How many convs this process has completed through the CPU Winograd kernel");
 }
