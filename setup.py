@@ -96,7 +96,7 @@ def c_string(value):
 
 def extension():
     with_cuda, why_not = cuda_build_decision()
-    sources = ["csrc/ops.cpp", "csrc/conv_args.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/conv_args.cpp", "csrc/autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     defines = [("CNNKERNELS_TORCH_VERSION", c_string(torch.__version__))]
     # at::parallel_for is inline OpenMP: without -fopenmp the CPU kernels run on one thread.
     cxx = ["-O3", "-fopenmp"]

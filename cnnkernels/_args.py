@@ -30,6 +30,11 @@ class ConvCall:
 
 
 def _pair(name, value):
+    kind = type(value)
+    if kind is int:
+        return [value, value]
+    if kind is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return list(value)  # the common forms first: this runs on every call
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a tuple of 2 ints, but got {value!r}")
     if isinstance(value, int):

@@ -1,5 +1,6 @@
 """Python-side registrations for the ops: fake (meta) kernels for the C++ ops, and autograd
-for every op, C++ and Triton alike.
+for the Triton ops. The C++ ops' autograd is registered in C++ (csrc/autograd.cpp), with the
+same rules, so that their calls pay no Python.
 
 The backward saves only the output (for the ReLU mask) and the conv's operands. With a bias, one
 fused pass of our own (relu_backward_bias_grad, from the same backend as the forward) masks the
@@ -96,7 +97,7 @@ def _backward_add_relu(ctx, grad):
     return grad_pre_relu, grad_pre_relu
 
 
-def register_autograd(suffix=""):
+def register_autograd(suffix):
     """Registers autograd for cnnkernels::{conv2d_relu,conv2d_add_relu,add_relu}{suffix}; their
     backward runs cnnkernels::relu_backward_bias_grad{suffix}, the same backend's kernel."""
     lib = torch.library
@@ -110,9 +111,9 @@ def register_autograd(suffix=""):
 
 
 def register_extension_ops():
-    """Fake kernels and autograd for the C++ ops (their schemas live in csrc/ops.cpp)."""
+    """Fake kernels for the C++ ops (their schemas live in csrc/ops.cpp, their autograd in
+    csrc/autograd.cpp)."""
     torch.library.register_fake("cnnkernels::conv2d_relu")(_fake_conv2d_relu)
     torch.library.register_fake("cnnkernels::conv2d_add_relu")(_fake_conv2d_add_relu)
     torch.library.register_fake("cnnkernels::add_relu")(_fake_add_relu)
     torch.library.register_fake("cnnkernels::relu_backward_bias_grad")(_fake_relu_backward_bias_grad)
-    register_autograd()

@@ -1,6 +1,6 @@
 // The op schemas (the one place they are written) and the Python module `cnnkernels._C`,
 // which carries the build information. Kernels register themselves per device in
-// csrc/cpu/ and csrc/cuda/ with TORCH_LIBRARY_IMPL.
+// csrc/cpu/ and csrc/cuda/ with TORCH_LIBRARY_IMPL, their autograd in csrc/autograd.cpp.
 #include <torch/library.h>
 #include <torch/extension.h>
 

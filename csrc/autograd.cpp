@@ -1,0 +1,150 @@
+// Autograd for the C++ ops (cnnkernels::conv2d_relu, conv2d_add_relu, add_relu), registered in
+// C++ so that a call pays no Python: the same rules registered from Python cost 20-40 us more per
+// conv call (measured on the CPU here), which small layers and small models feel. The Triton ops
+// keep the Python registration (cnnkernels/_registration.py), with the same rules:
+//   - only the input, the weight and the output are saved; the ReLU mask comes from the output;
+//   - with a bias that needs a gradient, cnnkernels::relu_backward_bias_grad masks the gradient
+//     and sums it per channel in one pass; without one, aten::threshold_backward masks it;
+//   - the masked gradient is the residual's gradient as it is (no copy);
+//   - aten::convolution_backward (cuDNN, oneDNN) gives the input and weight gradients.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace cnnkernels {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+c10::OperatorHandle op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+}
+
+void save_conv(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& output,
+               const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+               at::IntArrayRef dilation, int64_t groups) {
+  ctx->save_for_backward({input, weight, output});
+  ctx->saved_data["stride"] = stride.vec();
+  ctx->saved_data["padding"] = padding.vec();
+  ctx->saved_data["dilation"] = dilation.vec();
+  ctx->saved_data["groups"] = groups;
+  ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+}
+
+struct ConvGrads {
+  at::Tensor pre_relu, input, weight, bias;
+};
+
+// The gradients of relu(conv(input, weight) + bias (+ residual)); bias_index is the bias's
+// position among the op's arguments.
+ConvGrads conv_grads(AutogradContext* ctx, const at::Tensor& grad, size_t bias_index) {
+  const auto saved = ctx->get_saved_variables();
+  const at::Tensor &input = saved[0], &weight = saved[1], &output = saved[2];
+  ConvGrads grads;
+  if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(bias_index)) {
+    static const auto fused = op_handle("cnnkernels::relu_backward_bias_grad")
+                                  .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&)>();
+    std::tie(grads.pre_relu, grads.bias) = fused.call(grad, output);
+  } else {
+    grads.pre_relu = at::threshold_backward(grad, output, 0);
+  }
+  const bool input_grad = ctx->needs_input_grad(0), weight_grad = ctx->needs_input_grad(1);
+  if (input_grad || weight_grad) {
+    const auto stride = ctx->saved_data["stride"].toIntVector();
+    const auto padding = ctx->saved_data["padding"].toIntVector();
+    const auto dilation = ctx->saved_data["dilation"].toIntVector();
+    std::tie(grads.input, grads.weight, std::ignore) = at::convolution_backward(
+        grads.pre_relu, input, weight, c10::nullopt, stride, padding, dilation, /*transposed=*/false,
+        {0, 0}, ctx->saved_data["groups"].toInt(), {input_grad, weight_grad, false});
+  }
+  return grads;
+}
+
+class Conv2dReLU : public torch::autograd::Function<Conv2dReLU> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+    static const auto op = op_handle("cnnkernels::conv2d_relu")
+                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                                 at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor output = op.call(input, weight, bias, stride, padding, dilation, groups);
+    save_conv(ctx, input, weight, output, bias, stride, padding, dilation, groups);
+    return output;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const ConvGrads g = conv_grads(ctx, grad_outputs[0], 2);
+    return {g.input, g.weight, g.bias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+class Conv2dAddReLU : public torch::autograd::Function<Conv2dAddReLU> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+                            const at::Tensor& residual, const c10::optional<at::Tensor>& bias,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                            int64_t groups) {
+    static const auto op = op_handle("cnnkernels::conv2d_add_relu")
+                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const c10::optional<at::Tensor>&, at::IntArrayRef,
+                                                 at::IntArrayRef, at::IntArrayRef, int64_t)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor output = op.call(input, weight, residual, bias, stride, padding, dilation, groups);
+    save_conv(ctx, input, weight, output, bias, stride, padding, dilation, groups);
+    return output;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const ConvGrads g = conv_grads(ctx, grad_outputs[0], 3);
+    const at::Tensor grad_residual = ctx->needs_input_grad(2) ? g.pre_relu : at::Tensor();
+    return {g.input, g.weight, grad_residual, g.bias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+class AddReLU : public torch::autograd::Function<AddReLU> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& other) {
+    static const auto op =
+        op_handle("cnnkernels::add_relu").typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::Tensor output = op.call(input, other);
+    ctx->save_for_backward({output});
+    return output;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const at::Tensor grad = at::threshold_backward(grad_outputs[0], ctx->get_saved_variables()[0], 0);
+    return {grad, grad};
+  }
+};
+
+at::Tensor conv2d_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return Conv2dReLU::apply(input, weight, bias, stride, padding, dilation, groups);
+}
+
+at::Tensor conv2d_add_relu_autograd(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& residual,
+                                    const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  return Conv2dAddReLU::apply(input, weight, residual, bias, stride, padding, dilation, groups);
+}
+
+at::Tensor add_relu_autograd(const at::Tensor& input, const at::Tensor& other) {
+  return AddReLU::apply(input, other);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cnnkernels, Autograd, m) {
+  m.impl("conv2d_relu", &conv2d_relu_autograd);
+  m.impl("conv2d_add_relu", &conv2d_add_relu_autograd);
+  m.impl("add_relu", &add_relu_autograd);
+}
+
+}  // namespace cnnkernels
