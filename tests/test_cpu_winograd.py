@@ -150,3 +150,76 @@ def test_switched_off_by_environment():
         result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         runs[value] = int(result.stdout.split()[-1])
     assert runs == {"0": 0, "1": 1}
+
+
+# --- the input gradient --------------------------------------------------------------------------
+
+def grads_of(fn, x, weight, bias, residual, upstream, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (x, weight, bias, residual)]
+    out = fn(*leaves)
+    out.backward(upstream.to(dtype))
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("shape", ["odd_sizes", "valid", "padding2"])
+def test_input_gradient(shape, layout):
+    """conv2d_add_relu's gradients when Winograd runs the forward and the input gradient: each
+    within the tolerance rule of float64 autograd through F.conv2d."""
+    seeded()
+    x, weight, bias, geometry = make(*SHAPES[shape], layout=layout)
+    out_shape = reference(x, weight, bias, geometry).shape
+    residual, upstream = torch.randn(out_shape), torch.randn(out_shape)
+
+    def ours(x, w, b, r):
+        return cnnkernels.conv2d_add_relu(x, w, r, b, **geometry)
+
+    def theirs(x, w, b, r):
+        return torch.relu(torch.nn.functional.conv2d(x, w, b, **geometry) + r)
+
+    before = winograd_runs()
+    with cnnkernels.use_backend("cuda"), poisoned_outputs():
+        got = grads_of(ours, x, weight, bias, residual, upstream, torch.float32)
+    assert winograd_runs() - before == 2  # the forward and the input gradient
+    expected = grads_of(theirs, x, weight, bias, residual, upstream, torch.float64)
+    torch_fp32 = grads_of(theirs, x, weight, bias, residual, upstream, torch.float32)
+    for name, g, e, t in zip(("input", "weight", "bias", "residual"), got, expected, torch_fp32):
+        assert g.shape == e.shape, name
+        assert_matches_reference(g, e, t)
+    assert got[0].is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                                else torch.contiguous_format)
+
+
+def test_double_backward_takes_the_differentiable_path():
+    seeded()
+    x, weight, bias, geometry = make(2, 16, 16, 20, 20, 1)
+    x.requires_grad_()
+    with cnnkernels.use_backend("cuda"):
+        before = winograd_runs()
+        out = cnnkernels.conv2d_relu(x, weight, bias, **geometry)
+        (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        assert winograd_runs() - before == 1  # the forward only
+        (grad_grad_x,) = torch.autograd.grad(grad_x.square().sum(), x)
+    x64 = x.detach().double().requires_grad_()
+    out64 = torch.relu(torch.nn.functional.conv2d(x64, weight.double(), bias.double(), **geometry))
+    (g64,) = torch.autograd.grad(out64.square().sum(), x64, create_graph=True)
+    (gg64,) = torch.autograd.grad(g64.square().sum(), x64)
+    torch.testing.assert_close(grad_grad_x.double(), gg64, rtol=1e-3, atol=1e-3 * gg64.abs().max().item())
+
+
+def test_torch_compile_traces_the_backward_without_running_winograd_on_fake_tensors():
+    seeded()
+    x, weight, bias, geometry = make(2, 16, 16, 20, 20, 1)
+    params = [t.clone().requires_grad_() for t in (x, weight, bias)]
+
+    def step(x, w, b):
+        return cnnkernels.conv2d_relu(x, w, b, **geometry).square().sum()
+
+    with cnnkernels.use_backend("cuda"):
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        grads = torch.autograd.grad(compiled(*params), params)
+        before = winograd_runs()
+        expected = torch.autograd.grad(step(*params), params)
+        assert winograd_runs() - before == 2
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())

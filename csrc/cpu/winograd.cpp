@@ -1,7 +1,8 @@
 // 3x3 stride-1 conv + bias (+ residual) + ReLU on the CPU through Winograd F(4x4, 3x3), for
-// fp32 in channels_last (conv2d_relu.cpp converts NCHW). Why: oneDNN's direct conv already runs these layers near the FMA peak
-// (about 230 GFLOP/s on the 2-core EPYC here), so only fewer multiplies make them faster.
-// F(4x4, 3x3) needs 36 multiplies per 4x4 output tile and channel pair instead of 144.
+// fp32, and the input gradient of such convs. Why: oneDNN's direct conv already runs these
+// layers near the FMA peak (about 230 GFLOP/s on the 2-core EPYC here), so only fewer
+// multiplies make them faster. F(4x4, 3x3) needs 36 multiplies per 4x4 output tile and channel
+// pair instead of 144.
 //
 // The output is cut into 4x4 tiles, and tiles into blocks that each thread runs start to end
 // while they stay in cache:
@@ -25,6 +26,7 @@
 #include <vector>
 
 #include "elementwise.h"
+#include "weight_cache.h"
 
 namespace cnnkernels::cpu {
 namespace {
@@ -32,6 +34,9 @@ namespace {
 // Transformed values at or beyond this magnitude send the conv to the direct path: below it,
 // neither the GEMM nor the output transform can overflow where the direct conv would not.
 constexpr float kSafeMagnitude = 1e15f;
+
+// Below this many input or output channels the GEMM is too thin for Winograd to pay.
+constexpr int64_t kMinChannels = 16;
 
 std::atomic<int64_t> completed_runs{0};
 
@@ -124,19 +129,20 @@ CNNKERNELS_VECTOR_CLONES void output_transform(const float* m, int64_t m_stride,
   for (; k < K; ++k) output_transform_lanes<float>(m + k, m_stride, y + k, K);
 }
 
-// out[k] = relu(y[k] + bias[k] (+ residual[k])); `s < 0` is false for NaN, which passes as in torch.relu.
-CNNKERNELS_VECTOR_CLONES void bias_add_relu(const float* __restrict y, const float* __restrict bias,
-                                            const float* __restrict residual, float* __restrict out,
-                                            int64_t K) {
+// out[k] = relu(y[k] + bias[k] (+ residual[k])), or without the ReLU; `s < 0` is false for NaN,
+// which passes as in torch.relu.
+CNNKERNELS_VECTOR_CLONES void bias_add_act(const float* __restrict y, const float* __restrict bias,
+                                           const float* __restrict residual, float* __restrict out,
+                                           int64_t K, bool relu) {
   if (residual) {
     for (int64_t k = 0; k < K; ++k) {
       const float s = y[k] + bias[k] + residual[k];
-      out[k] = s < 0.f ? 0.f : s;
+      out[k] = relu && s < 0.f ? 0.f : s;
     }
   } else {
     for (int64_t k = 0; k < K; ++k) {
       const float s = y[k] + bias[k];
-      out[k] = s < 0.f ? 0.f : s;
+      out[k] = relu && s < 0.f ? 0.f : s;
     }
   }
 }
@@ -176,36 +182,40 @@ bool enough_tiles(int64_t N, int64_t OH, int64_t OW) {
   return N * tiles_h * tiles_w >= kMinTilesPerThread * at::get_num_threads() && inside >= kMinInside;
 }
 
-}  // namespace
-
-bool winograd_takes(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
-                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  static const bool enabled = [] {
+bool enabled() {
+  static const bool on = [] {
     const char* value = std::getenv("CNNKERNELS_CPU_WINOGRAD");
     return !(value && std::string(value) == "0");
   }();
-  return enabled && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && groups == 1 &&
-         w.size(2) == 3 && w.size(3) == 3 && stride[0] == 1 && stride[1] == 1 && dilation[0] == 1 &&
-         dilation[1] == 1 && x.size(1) >= kWinogradMinChannels && w.size(0) >= kWinogradMinChannels &&
-         x.numel() > 0 &&
-         enough_tiles(x.size(0), x.size(2) + 2 * padding[0] - 2, x.size(3) + 2 * padding[1] - 2);
+  return on;
 }
 
-at::Tensor winograd_weight(const at::Tensor& weight) {
+// Whether a conv from C to K channels with this geometry, producing N x OH x OW, suits Winograd.
+bool suits(const at::Tensor& w, int64_t N, int64_t C, int64_t K, int64_t OH, int64_t OW, at::IntArrayRef stride,
+           at::IntArrayRef dilation, int64_t groups) {
+  return enabled() && w.scalar_type() == at::kFloat && groups == 1 && w.size(2) == 3 && w.size(3) == 3 &&
+         stride[0] == 1 && stride[1] == 1 && dilation[0] == 1 && dilation[1] == 1 &&
+         C >= kMinChannels && K >= kMinChannels && enough_tiles(N, OH, OW);
+}
+
+// U = G w Gt for a (K, C, 3, 3) weight, as (36, C, K): computed in float64 and rounded once.
+// Undefined when the weight holds NaN, infinities or values too large for the transforms.
+at::Tensor transformed_weight(const at::Tensor& weight) {
   const auto G = at::tensor({1. / 4, 0., 0., -1. / 6, -1. / 6, -1. / 6, -1. / 6, 1. / 6, -1. / 6,
                              1. / 24, 1. / 12, 1. / 6, 1. / 24, -1. / 12, 1. / 6, 0., 0., 1.},
                             at::kDouble).view({6, 3});
-  const auto w = weight.to(at::kDouble);
-  // U[a, b, c, k] = sum_pq G[a, p] w[k, c, p, q] G[b, q], computed in float64 and rounded once.
-  const auto u = at::einsum("ap,kcpq,bq->abck", {G, w, G})
+  const auto u = at::einsum("ap,kcpq,bq->abck", {G, weight.to(at::kDouble), G})
                      .reshape({36, weight.size(1), weight.size(0)})
                      .to(at::kFloat)
                      .contiguous();
   return all_safe(u.const_data_ptr<float>(), u.numel()) ? u : at::Tensor();
 }
 
-at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& u, const c10::optional<at::Tensor>& bias,
-                            const at::Tensor& residual, int64_t pad_h, int64_t pad_w) {
+// conv3x3(x, w) + bias (+ residual), then ReLU if `relu`, in channels_last, for x dense
+// channels_last and u = transformed_weight(w). Undefined when x holds values the transforms
+// cannot take (NaN, infinities, huge).
+at::Tensor run(const at::Tensor& x, const at::Tensor& u, const c10::optional<at::Tensor>& bias,
+               const at::Tensor& residual, int64_t pad_h, int64_t pad_w, bool relu) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = u.size(2);
   const int64_t OH = H + 2 * pad_h - 2, OW = W + 2 * pad_w - 2;
   at::Tensor out = at::empty({N, K, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -258,7 +268,7 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& u, const c10:
         for (int64_t i = 0; i < 4 && oh0 + i < OH; ++i)
           for (int64_t j = 0; j < 4 && ow0 + j < OW; ++j) {
             const int64_t at = ((n * OH + oh0 + i) * OW + ow0 + j) * K;
-            bias_add_relu(y.data() + (i * 4 + j) * K, bp, rp ? rp + at : nullptr, op + at, K);
+            bias_add_act(y.data() + (i * 4 + j) * K, bp, rp ? rp + at : nullptr, op + at, K, relu);
           }
       }
     }
@@ -266,6 +276,47 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& u, const c10:
   if (unsafe) return at::Tensor();
   completed_runs.fetch_add(1, std::memory_order_relaxed);
   return out;
+}
+
+}  // namespace
+
+at::Tensor winograd_conv2d_bias_relu(const at::Tensor& input, const at::Tensor& weight,
+                                     const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
+                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                     int64_t groups) {
+  if (input.scalar_type() != at::kFloat || input.numel() == 0 ||
+      !suits(weight, input.size(0), input.size(1), weight.size(0), input.size(2) + 2 * padding[0] - 2,
+             input.size(3) + 2 * padding[1] - 2, stride, dilation, groups)) {
+    return {};
+  }
+  const at::Tensor u = prepared_weight(WeightForm::kWinograd, weight, {}, {}, {}, {}, 1,
+                                       [&] { return transformed_weight(weight); });
+  if (!u.defined()) return {};
+  // Winograd runs in channels_last. For NCHW, converting the input and the output costs two
+  // copies and still runs 1.4-2x faster than the direct NCHW conv (VGG/ResNet layers, batch 4).
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor out = run(input.contiguous(cl), u, bias, residual.defined() ? residual.contiguous(cl) : residual,
+                             padding[0], padding[1], /*relu=*/true);
+  return out.defined() ? out.contiguous(input.suggest_memory_format()) : out;
+}
+
+at::Tensor winograd_conv2d_input_grad(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                      int64_t groups) {
+  // The input gradient of a 3x3 stride-1 conv is a 3x3 stride-1 conv of the output gradient with
+  // the weight flipped in space and its channels swapped, padded by 2 - padding.
+  if (grad.scalar_type() != at::kFloat || grad.numel() == 0 || padding[0] > 2 || padding[1] > 2 ||
+      !suits(weight, grad.size(0), weight.size(0), weight.size(1), input.size(2), input.size(3), stride,
+             dilation, groups)) {
+    return {};
+  }
+  const at::Tensor u = prepared_weight(WeightForm::kWinogradInputGrad, weight, {}, {}, {}, {}, 1, [&] {
+    return transformed_weight(weight.flip({2, 3}).transpose(0, 1));
+  });
+  if (!u.defined()) return {};
+  const at::Tensor out = run(grad.contiguous(at::MemoryFormat::ChannelsLast), u, c10::nullopt, at::Tensor(),
+                             2 - padding[0], 2 - padding[1], /*relu=*/false);
+  return out.defined() ? out.contiguous(input.suggest_memory_format()) : out;
 }
 
 int64_t winograd_runs() { return completed_runs.load(std::memory_order_relaxed); }

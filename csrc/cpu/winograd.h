@@ -1,28 +1,27 @@
 // Winograd F(4x4, 3x3) for 3x3 stride-1 fp32 convs on the CPU (winograd.cpp says why and how).
+// Each function returns an undefined tensor when the call does not suit Winograd (not fp32 3x3
+// stride 1, dilation 1, groups 1; fewer than 16 input or output channels; too few 4x4 output
+// tiles per thread or tiles mostly outside the output) or when its values do not (NaN,
+// infinities or huge values, which the transforms would spread or overflow): the caller then
+// runs the direct conv. Outputs keep the input's memory format. CNNKERNELS_CPU_WINOGRAD=0
+// turns Winograd off.
 #pragma once
 #include <ATen/ATen.h>
 
 namespace cnnkernels::cpu {
 
-// Below this many input or output channels the GEMM is too thin for Winograd to pay.
-constexpr int64_t kWinogradMinChannels = 16;
+// relu(conv2d(input, weight) + bias + residual); `residual` may be undefined.
+at::Tensor winograd_conv2d_bias_relu(const at::Tensor& input, const at::Tensor& weight,
+                                     const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
+                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                     int64_t groups);
 
-// Whether the conv's shape suits Winograd: fp32, 3x3, stride 1, dilation 1, groups 1, enough
-// channels and output tiles. Values are checked as it runs.
-// CNNKERNELS_CPU_WINOGRAD=0 turns it off.
-bool winograd_takes(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
-                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
-
-// The transformed weight U (36, C, K), or an undefined tensor when the weight holds NaN,
-// infinities or values too large for the transforms.
-at::Tensor winograd_weight(const at::Tensor& weight);
-
-// relu(conv3x3(x, w) + bias + residual) in channels_last, given U = winograd_weight(w) and x dense
-// channels_last.
-// `residual` may be undefined; when defined it is dense channels_last like x. Returns an
-// undefined tensor when x holds values the transforms cannot take (NaN, infinities, huge).
-at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& u, const c10::optional<at::Tensor>& bias,
-                            const at::Tensor& residual, int64_t pad_h, int64_t pad_w);
+// The gradient of conv2d(input, weight) with respect to input, given `grad`, the gradient of its
+// output. Only `input`'s sizes and memory format are used. Plain CPU tensors only: the caller
+// keeps fake and functional tensors (torch.compile's tracing) away.
+at::Tensor winograd_conv2d_input_grad(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                      int64_t groups);
 
 // How many convs this process has completed through Winograd (tests check the path ran).
 int64_t winograd_runs();
