@@ -89,10 +89,14 @@ at::Tensor conv2d_bias_act_cpu(const char* op, const at::Tensor& input, const at
   at::Tensor out;
   if (onednn_takes(x, w, groups)) {
     // A reordered weight makes oneDNN compute in channels_last: only for channels_last input.
-    const at::Tensor onednn_weight = format == at::MemoryFormat::ChannelsLast
-        ? prepared_weight(WeightForm::kOneDnnBlocked, w, x.sizes(), stride, padding, dilation, groups,
-                          [&] { return reorder_for_onednn(w, x.sizes(), stride, padding, dilation, groups); })
-        : w;
+    // A weight that changes between calls goes as it is: oneDNN reorders it inside the conv.
+    at::Tensor onednn_weight = w;
+    if (format == at::MemoryFormat::ChannelsLast) {
+      const PreparedWeight reordered = prepared_weight(
+          WeightForm::kOneDnnBlocked, w, x.sizes(), stride, padding, dilation, groups,
+          [&] { return reorder_for_onednn(w, x.sizes(), stride, padding, dilation, groups); });
+      if (!reordered.changing) onednn_weight = reordered.tensor;
+    }
     out = conv_onednn(x, onednn_weight, bias, stride, padding, dilation, groups);
   } else {
     out = at::convolution(x, w, bias, stride, padding, dilation, /*transposed=*/false, {0, 0}, groups);

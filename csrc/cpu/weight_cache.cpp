@@ -1,6 +1,7 @@
 // The prepared-weight cache (weight_cache.h says what it keeps and when it is used).
 #include "weight_cache.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <list>
@@ -12,49 +13,77 @@ namespace cnnkernels::cpu {
 namespace {
 
 class PreparedWeightCache {
- public:
-  at::Tensor get(WeightForm form, const at::Tensor& w, at::IntArrayRef input_sizes, at::IntArrayRef stride,
-                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                 const std::function<at::Tensor()>& make) {
-    if (!w.is_non_overlapping_and_dense() || capacity_bytes() == 0) return make();
-    const Key key{form, w.unsafeGetTensorImpl(), w.scalar_type(), w.sizes().vec(), w.strides().vec(),
-                  input_sizes.vec(), stride.vec(), padding.vec(), dilation.vec(), groups};
-    const auto bytes = static_cast<size_t>(w.numel()) * w.element_size();
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-        if (it->key != key) continue;
-        if (std::memcmp(it->weight_copy.const_data_ptr(), w.const_data_ptr(), bytes) == 0) {
-          entries_.splice(entries_.begin(), entries_, it);  // most recently used first
-          return it->prepared;
-        }
-        held_bytes_ -= 2 * bytes;
-        entries_.erase(it);
-        break;
-      }
-    }
-    at::Tensor prepared = make();
-    Entry entry{key, w.clone(at::MemoryFormat::Preserve), prepared};
-    std::lock_guard<std::mutex> lock(mutex_);
-    entries_.push_front(std::move(entry));
-    held_bytes_ += 2 * bytes;
-    while (held_bytes_ > capacity_bytes() && !entries_.empty()) {
-      const auto& last = entries_.back().weight_copy;
-      held_bytes_ -= 2 * static_cast<size_t>(last.numel()) * last.element_size();
-      entries_.pop_back();
-    }
-    return prepared;
-  }
-
- private:
   using Key = std::tuple<WeightForm, const void*, at::ScalarType, std::vector<int64_t>, std::vector<int64_t>,
                          std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
                          std::vector<int64_t>, int64_t>;
+  using WeakWeight = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
   struct Entry {
     Key key;
-    at::Tensor weight_copy;  // the bytes the prepared weight was made from
-    at::Tensor prepared;
+    // Keeps the weight's TensorImpl from being freed, so that no other weight can take its
+    // address (the key) while this entry lives; expired once the weight is gone.
+    WeakWeight weight;
+    at::Tensor weight_copy;  // the weight's bytes at the last call
+    at::Tensor prepared;     // made from weight_copy, when is_prepared
+    bool is_prepared;
+    size_t held_bytes;       // what this entry counts against the capacity
   };
+
+ public:
+  PreparedWeight get(WeightForm form, const at::Tensor& w, at::IntArrayRef input_sizes, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                     const std::function<at::Tensor()>& make) {
+    if (!w.is_non_overlapping_and_dense() || capacity_bytes() == 0) return {make(), false};
+    const Key key{form, w.unsafeGetTensorImpl(), w.scalar_type(), w.sizes().vec(), w.strides().vec(),
+                  input_sizes.vec(), stride.vec(), padding.vec(), dilation.vec(), groups};
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = find(key);
+      if (it != entries_.end()) {
+        entries_.splice(entries_.begin(), entries_, it);  // most recently used first
+        Entry& entry = entries_.front();
+        if (std::memcmp(entry.weight_copy.const_data_ptr(), w.const_data_ptr(), w.nbytes()) != 0) {
+          entry.weight_copy.copy_(w);
+          entry.prepared = at::Tensor();
+          entry.is_prepared = false;
+          return {at::Tensor(), true};
+        }
+        if (entry.is_prepared) return {entry.prepared, false};
+      }
+    }
+    // New, or unchanged since a call that found it changing: prepare it now.
+    at::Tensor prepared = make();
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = find(key);
+    if (it != entries_.end()) {
+      held_bytes_ -= it->held_bytes;
+      entries_.erase(it);
+    }
+    const size_t held = w.nbytes() + (prepared.defined() ? prepared.numel() * prepared.element_size() : 0);
+    entries_.push_front(Entry{key, WeakWeight(w.getIntrusivePtr()), w.clone(at::MemoryFormat::Preserve),
+                              prepared, true, held});
+    held_bytes_ += held;
+    while (held_bytes_ > capacity_bytes() && !entries_.empty()) {
+      held_bytes_ -= entries_.back().held_bytes;
+      entries_.pop_back();
+    }
+    return {prepared, false};
+  }
+
+ private:
+  // The entry for `key`; drops the entries of weights that no longer exist on the way.
+  std::list<Entry>::iterator find(const Key& key) {
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      if (it->weight.expired()) {
+        held_bytes_ -= it->held_bytes;
+        it = entries_.erase(it);
+      } else if (it->key == key) {
+        return it;
+      } else {
+        ++it;
+      }
+    }
+    return entries_.end();
+  }
 
   static size_t capacity_bytes() {
     static const size_t capacity = [] {
@@ -71,9 +100,9 @@ class PreparedWeightCache {
 
 }  // namespace
 
-at::Tensor prepared_weight(WeightForm form, const at::Tensor& w, at::IntArrayRef input_sizes,
-                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                           int64_t groups, const std::function<at::Tensor()>& make) {
+PreparedWeight prepared_weight(WeightForm form, const at::Tensor& w, at::IntArrayRef input_sizes,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                               int64_t groups, const std::function<at::Tensor()>& make) {
   // Never destroyed: tensors must not be freed by static destructors at exit, after the
   // libraries that own their memory may already be gone.
   static auto* cache = new PreparedWeightCache();

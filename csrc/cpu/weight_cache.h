@@ -9,15 +9,24 @@ namespace cnnkernels::cpu {
 
 enum class WeightForm { kOneDnnBlocked, kWinograd, kWinogradInputGrad };
 
+struct PreparedWeight {
+  at::Tensor tensor;      // what make() returned (it may be undefined: make() found w unusable)
+  bool changing = false;  // w changed since the last call with this key: nothing was prepared
+};
+
 // make() prepares `w` in this form for this geometry (pass empty lists where the form does not
 // depend on it). The result, an undefined one too, is cached next to a copy of the weight's
 // bytes and used only while the weight still holds those bytes: a version counter would not do,
 // since writes through `.data` do not bump it. Comparing costs a read of the weight twice, a
-// small part of what preparing it costs. Weights that are not dense are prepared on each call.
+// small part of what preparing it costs.
+// A weight whose bytes changed since the last call (an optimizer steps it between calls) comes
+// back `changing`, unprepared: preparing it on every call would cost more than it saves. Its
+// copy is updated, so that once it stops changing, the next call prepares and caches it again.
+// Weights that are not dense are prepared on each call.
 // CNNKERNELS_CPU_WEIGHT_CACHE_MB bounds what the cache holds (copies and prepared weights
 // together, least recently used dropped first); 0 turns it off. Default 1024 MB.
-at::Tensor prepared_weight(WeightForm form, const at::Tensor& w, at::IntArrayRef input_sizes,
-                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                           int64_t groups, const std::function<at::Tensor()>& make);
+PreparedWeight prepared_weight(WeightForm form, const at::Tensor& w, at::IntArrayRef input_sizes,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                               int64_t groups, const std::function<at::Tensor()>& make);
 
 }  // namespace cnnkernels::cpu

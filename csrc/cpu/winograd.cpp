@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -147,6 +148,42 @@ CNNKERNELS_VECTOR_CLONES void bias_add_act(const float* __restrict y, const floa
   }
 }
 
+// u[(a*6+b)*u_stride] = (G g Gt)[a][b] for the output channels at g[0..width) of one 3x3 filter
+// whose tap (p, q) sits at g + (p*3+q)*K.
+template <typename T>
+[[gnu::always_inline]] inline void weight_transform_lanes(const float* g, int64_t K, float* u, int64_t u_stride) {
+  constexpr float kSixth = 1.f / 6, kTwelfth = 1.f / 12, kTwentyFourth = 1.f / 24;
+  T t[6][3];
+#pragma GCC unroll 3
+  for (int q = 0; q < 3; ++q) {
+    const T g0 = load<T>(g + q * K), g1 = load<T>(g + (3 + q) * K), g2 = load<T>(g + (6 + q) * K);
+    t[0][q] = 0.25f * g0;
+    t[1][q] = -kSixth * (g0 + g1 + g2);
+    t[2][q] = -kSixth * (g0 - g1 + g2);
+    t[3][q] = kTwentyFourth * g0 + kTwelfth * g1 + kSixth * g2;
+    t[4][q] = kTwentyFourth * g0 - kTwelfth * g1 + kSixth * g2;
+    t[5][q] = g2;
+  }
+#pragma GCC unroll 6
+  for (int a = 0; a < 6; ++a) {
+    const T* r = t[a];
+    float* out = u + a * 6 * u_stride;
+    store<T>(out, 0.25f * r[0]);
+    store<T>(out + u_stride, -kSixth * (r[0] + r[1] + r[2]));
+    store<T>(out + 2 * u_stride, -kSixth * (r[0] - r[1] + r[2]));
+    store<T>(out + 3 * u_stride, kTwentyFourth * r[0] + kTwelfth * r[1] + kSixth * r[2]);
+    store<T>(out + 4 * u_stride, kTwentyFourth * r[0] - kTwelfth * r[1] + kSixth * r[2]);
+    store<T>(out + 5 * u_stride, r[2]);
+  }
+}
+
+// The weight transform of one input channel's K filters, into u[(a*6+b)*u_stride + k].
+CNNKERNELS_VECTOR_CLONES void weight_transform(const float* g, float* u, int64_t u_stride, int64_t K) {
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) weight_transform_lanes<Lanes>(g + k, K, u + k, u_stride);
+  for (; k < K; ++k) weight_transform_lanes<float>(g + k, K, u + k, u_stride);
+}
+
 // Whether every value has magnitude below kSafeMagnitude (false for NaN and infinities).
 CNNKERNELS_VECTOR_CLONES bool all_safe(const float* __restrict p, int64_t n) {
   constexpr int kLanes = 16;
@@ -198,17 +235,34 @@ bool suits(const at::Tensor& w, int64_t N, int64_t C, int64_t K, int64_t OH, int
          C >= kMinChannels && K >= kMinChannels && enough_tiles(N, OH, OW);
 }
 
-// U = G w Gt for a (K, C, 3, 3) weight, as (36, C, K): computed in float64 and rounded once.
-// Undefined when the weight holds NaN, infinities or values too large for the transforms.
+// U = G w Gt for a (K, C, 3, 3) weight, as (36, C, K). Undefined when the weight holds NaN,
+// infinities or values too large for the transforms. A loop over 16 output channels at a time:
+// an optimizer changes the weight every training step, so this runs once per conv call there
+// (a float64 einsum took 95 ms for 512x512 channels, about 10x the conv's own time).
 at::Tensor transformed_weight(const at::Tensor& weight) {
-  const auto G = at::tensor({1. / 4, 0., 0., -1. / 6, -1. / 6, -1. / 6, -1. / 6, 1. / 6, -1. / 6,
-                             1. / 24, 1. / 12, 1. / 6, 1. / 24, -1. / 12, 1. / 6, 0., 0., 1.},
-                            at::kDouble).view({6, 3});
-  const auto u = at::einsum("ap,kcpq,bq->abck", {G, weight.to(at::kDouble), G})
-                     .reshape({36, weight.size(1), weight.size(0)})
-                     .to(at::kFloat)
-                     .contiguous();
-  return all_safe(u.const_data_ptr<float>(), u.numel()) ? u : at::Tensor();
+  const int64_t K = weight.size(0), C = weight.size(1);
+  const at::Tensor w = weight.permute({1, 2, 3, 0}).contiguous();  // (C, 3, 3, K): k innermost
+  // |U| <= max |w|: every row of G sums to at most 1 in absolute value.
+  if (!all_safe(w.const_data_ptr<float>(), w.numel())) return at::Tensor();
+  at::Tensor u = at::empty({36, C, K}, weight.options());
+  const float* wp = w.const_data_ptr<float>();
+  float* up = u.mutable_data_ptr<float>();
+  at::parallel_for(0, C, 16, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) weight_transform(wp + c * 9 * K, up + c * K, C * K, K);
+  });
+  return u;
+}
+
+// U for this form of the weight: cached while the weight is unchanged. A weight that changes
+// between calls (training) is transformed anew only for convs with enough output pixels to repay
+// it: for 512x512 channels, the transform cost more than Winograd saved at 784 pixels.
+// Undefined: run the direct conv.
+at::Tensor weight_for(WeightForm form, const at::Tensor& weight, int64_t pixels,
+                      const std::function<at::Tensor()>& transform) {
+  constexpr int64_t kMinPixelsForChangingWeight = 1024;
+  const PreparedWeight prepared = prepared_weight(form, weight, {}, {}, {}, {}, 1, transform);
+  if (!prepared.changing) return prepared.tensor;
+  return pixels >= kMinPixelsForChangingWeight ? transform() : at::Tensor();
 }
 
 // conv3x3(x, w) + bias (+ residual), then ReLU if `relu`, in channels_last, for x dense
@@ -289,8 +343,8 @@ at::Tensor winograd_conv2d_bias_relu(const at::Tensor& input, const at::Tensor& 
              input.size(3) + 2 * padding[1] - 2, stride, dilation, groups)) {
     return {};
   }
-  const at::Tensor u = prepared_weight(WeightForm::kWinograd, weight, {}, {}, {}, {}, 1,
-                                       [&] { return transformed_weight(weight); });
+  const int64_t pixels = input.size(0) * (input.size(2) + 2 * padding[0] - 2) * (input.size(3) + 2 * padding[1] - 2);
+  const at::Tensor u = weight_for(WeightForm::kWinograd, weight, pixels, [&] { return transformed_weight(weight); });
   if (!u.defined()) return {};
   // Winograd runs in channels_last. For NCHW, converting the input and the output costs two
   // copies and still runs 1.4-2x faster than the direct NCHW conv (VGG/ResNet layers, batch 4).
@@ -310,9 +364,8 @@ at::Tensor winograd_conv2d_input_grad(const at::Tensor& grad, const at::Tensor& 
              dilation, groups)) {
     return {};
   }
-  const at::Tensor u = prepared_weight(WeightForm::kWinogradInputGrad, weight, {}, {}, {}, {}, 1, [&] {
-    return transformed_weight(weight.flip({2, 3}).transpose(0, 1));
-  });
+  const at::Tensor u = weight_for(WeightForm::kWinogradInputGrad, weight, input.size(0) * input.size(2) * input.size(3),
+                                  [&] { return transformed_weight(weight.flip({2, 3}).transpose(0, 1)); });
   if (!u.defined()) return {};
   const at::Tensor out = run(grad.contiguous(at::MemoryFormat::ChannelsLast), u, c10::nullopt, at::Tensor(),
                              2 - padding[0], 2 - padding[1], /*relu=*/false);
