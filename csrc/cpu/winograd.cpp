@@ -21,8 +21,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <functional>
 #include <cmath>
+#include <functional>
 #include <type_traits>
 #include <vector>
 
@@ -32,8 +32,8 @@
 namespace cnnkernels::cpu {
 namespace {
 
-// Transformed values at or beyond this magnitude send the conv to the direct path: below it,
-// neither the GEMM nor the output transform can overflow where the direct conv would not.
+// Weights or transformed inputs at or beyond this magnitude send the conv to the direct path:
+// below it, neither the GEMM nor the output transform can overflow where the direct conv would not.
 constexpr float kSafeMagnitude = 1e15f;
 
 // Below this many input or output channels the GEMM is too thin for Winograd to pay.
@@ -44,6 +44,9 @@ std::atomic<int64_t> completed_runs{0};
 // 16 channels at a time through GCC's vector extension: target_clones turns it into one
 // AVX-512 register, two AVX2 ones or four SSE ones. (GCC does not vectorize these loops over
 // channels by itself: it gives up on the 6x6 tile.) Leftover channels run with T = float.
+// The helpers taking and returning Lanes are always inlined, so GCC's note that such values pass
+// differently without AVX-512 (-Wpsabi) concerns no real call.
+#pragma GCC diagnostic ignored "-Wpsabi"
 typedef float Lanes __attribute__((vector_size(64), aligned(4), may_alias));
 constexpr int64_t kLanes = 16;
 
@@ -338,13 +341,13 @@ at::Tensor winograd_conv2d_bias_relu(const at::Tensor& input, const at::Tensor& 
                                      const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                      int64_t groups) {
+  const int64_t OH = input.size(2) + 2 * padding[0] - 2, OW = input.size(3) + 2 * padding[1] - 2;
   if (input.scalar_type() != at::kFloat || input.numel() == 0 ||
-      !suits(weight, input.size(0), input.size(1), weight.size(0), input.size(2) + 2 * padding[0] - 2,
-             input.size(3) + 2 * padding[1] - 2, stride, dilation, groups)) {
+      !suits(weight, input.size(0), input.size(1), weight.size(0), OH, OW, stride, dilation, groups)) {
     return {};
   }
-  const int64_t pixels = input.size(0) * (input.size(2) + 2 * padding[0] - 2) * (input.size(3) + 2 * padding[1] - 2);
-  const at::Tensor u = weight_for(WeightForm::kWinograd, weight, pixels, [&] { return transformed_weight(weight); });
+  const at::Tensor u = weight_for(WeightForm::kWinograd, weight, input.size(0) * OH * OW,
+                                  [&] { return transformed_weight(weight); });
   if (!u.defined()) return {};
   // Winograd runs in channels_last. For NCHW, converting the input and the output costs two
   // copies and still runs 1.4-2x faster than the direct NCHW conv (VGG/ResNet layers, batch 4).
