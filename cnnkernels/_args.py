@@ -60,6 +60,8 @@ def _check_tensor(op, name, value, required=True):
 
 
 def _check_same_kind(op, name, tensor, input):
+    if tensor.dtype is input.dtype and tensor.device == input.device:
+        return
     if tensor.device != input.device:
         raise RuntimeError(f"{op}: expected all tensors to be on the same device, but {name} is on "
                            f"{tensor.device} and input is on {input.device}")
@@ -69,13 +71,18 @@ def _check_same_kind(op, name, tensor, input):
 
 
 def conv_call(op, input, weight, bias, stride, padding, dilation, groups, residual=None, needs_residual=False):
-    """Validates a conv2d_relu / conv2d_add_relu call and returns it normalized."""
-    _check_tensor(op, "input", input)
-    _check_tensor(op, "weight", weight)
-    _check_tensor(op, "bias", bias, required=False)
-    if needs_residual:
-        _check_tensor(op, "residual", residual)
-    if input.dim() not in (3, 4):
+    """Validates a conv2d_relu / conv2d_add_relu call and returns it normalized. (It runs on every
+    call: the common, valid case takes the fewest steps.)"""
+    Tensor = torch.Tensor
+    if not (isinstance(input, Tensor) and isinstance(weight, Tensor) and (bias is None or isinstance(bias, Tensor))
+            and (not needs_residual or isinstance(residual, Tensor))):
+        _check_tensor(op, "input", input)
+        _check_tensor(op, "weight", weight)
+        _check_tensor(op, "bias", bias, required=False)
+        if needs_residual:
+            _check_tensor(op, "residual", residual)
+    input_dim = input.dim()
+    if input_dim != 4 and input_dim != 3:
         raise RuntimeError(f"{op}: expected 3D (unbatched) or 4D (batched) input, but got input of size: "
                            f"{list(input.shape)}")
     if weight.dim() != 4:
@@ -84,17 +91,17 @@ def conv_call(op, input, weight, bias, stride, padding, dilation, groups, residu
     if not input.dtype.is_floating_point:
         raise RuntimeError(f"{op}: expected a floating-point input, but got {input.dtype}")
     _check_same_kind(op, "weight", weight, input)
-    if not isinstance(groups, int) or isinstance(groups, bool):
+    if type(groups) is not int and (not isinstance(groups, int) or isinstance(groups, bool)):
         raise TypeError(f"groups must be an int, but got {type(groups).__name__}")
     if groups <= 0:
         raise RuntimeError(f"{op}: non-positive groups is not supported, got groups={groups}")
     stride, dilation = _pair("stride", stride), _pair("dilation", dilation)
-    if any(s <= 0 for s in stride):
+    if stride[0] <= 0 or stride[1] <= 0:
         raise RuntimeError(f"{op}: non-positive stride is not supported, got stride={stride}")
-    if any(d <= 0 for d in dilation):
+    if dilation[0] <= 0 or dilation[1] <= 0:
         raise RuntimeError(f"{op}: dilation should be greater than zero, got dilation={dilation}")
 
-    unbatched = input.dim() == 3
+    unbatched = input_dim == 3
     if unbatched:
         input = input.unsqueeze(0)
         if residual is not None and isinstance(residual, torch.Tensor) and residual.dim() == 3:
@@ -133,7 +140,7 @@ def conv_call(op, input, weight, bias, stride, padding, dilation, groups, residu
             raise ValueError(f"Invalid padding string '{padding}', should be one of {{'valid', 'same'}}")
     else:
         padding = _pair("padding", padding)
-        if any(p < 0 for p in padding):
+        if padding[0] < 0 or padding[1] < 0:
             raise RuntimeError(f"{op}: negative padding is not supported, got padding={padding}")
 
     padded = [h + 2 * padding[0], w + 2 * padding[1]]
