@@ -229,3 +229,13 @@ def test_torch_compile_traces_the_backward_without_running_winograd_on_fake_tens
         assert winograd_runs() - before == 2
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_other_thread_counts(threads):
+    """Blocks follow the thread count (one thread: three blocks, the last short; three threads:
+    one block each): the result must not."""
+    seeded()
+    x, weight, bias, geometry = make(*SHAPES["several_blocks"])
+    torch.set_num_threads(threads)  # the autouse fixture restores it
+    run("cuda", x, weight, bias, geometry)
