@@ -25,8 +25,12 @@ class PreparedWeightCache {
     at::Tensor weight_copy;  // the weight's bytes at the last call
     at::Tensor prepared;     // made from weight_copy, when is_prepared
     bool is_prepared;
-    size_t held_bytes;       // what this entry counts against the capacity
   };
+
+  // What an entry counts against the capacity: the memory it holds now.
+  static size_t held_by(const Entry& e) {
+    return e.weight_copy.nbytes() + (e.prepared.defined() ? e.prepared.numel() * e.prepared.element_size() : 0);
+  }
 
  public:
   PreparedWeight get(WeightForm form, const at::Tensor& w, at::IntArrayRef input_sizes, at::IntArrayRef stride,
@@ -43,8 +47,10 @@ class PreparedWeightCache {
         Entry& entry = entries_.front();
         if (std::memcmp(entry.weight_copy.const_data_ptr(), w.const_data_ptr(), w.nbytes()) != 0) {
           entry.weight_copy.copy_(w);
-          entry.prepared = at::Tensor();
+          held_bytes_ -= held_by(entry);
+          entry.prepared = at::Tensor();  // no longer held: the capacity counts the copy only
           entry.is_prepared = false;
+          held_bytes_ += held_by(entry);
           return {at::Tensor(), true};
         }
         if (entry.is_prepared) return {entry.prepared, false};
@@ -55,15 +61,14 @@ class PreparedWeightCache {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = find(key);
     if (it != entries_.end()) {
-      held_bytes_ -= it->held_bytes;
+      held_bytes_ -= held_by(*it);
       entries_.erase(it);
     }
-    const size_t held = w.nbytes() + (prepared.defined() ? prepared.numel() * prepared.element_size() : 0);
     entries_.push_front(Entry{key, WeakWeight(w.getIntrusivePtr()), w.clone(at::MemoryFormat::Preserve),
-                              prepared, true, held});
-    held_bytes_ += held;
+                              prepared, true});
+    held_bytes_ += held_by(entries_.front());
     while (held_bytes_ > capacity_bytes() && !entries_.empty()) {
-      held_bytes_ -= entries_.back().held_bytes;
+      held_bytes_ -= held_by(entries_.back());
       entries_.pop_back();
     }
     return {prepared, false};
@@ -74,7 +79,7 @@ class PreparedWeightCache {
   std::list<Entry>::iterator find(const Key& key) {
     for (auto it = entries_.begin(); it != entries_.end();) {
       if (it->weight.expired()) {
-        held_bytes_ -= it->held_bytes;
+        held_bytes_ -= held_by(*it);
         it = entries_.erase(it);
       } else if (it->key == key) {
         return it;
