@@ -18,6 +18,8 @@ import cnnkernels  # noqa: F401  (loads cnnkernels._C, which registers the ops)
 from cnnkernels import _extension
 from conftest import REQUIRE_CUDA, assert_matches_reference, cuda_or_skip, poisoned_outputs
 
+pytestmark = pytest.mark.gpu  # every test here needs a GPU (benchmarks/gpu_check.sh runs `-m gpu` first)
+
 ops = torch.ops.cnnkernels
 suggest_memory_format = torch._prims_common.suggest_memory_format
 
@@ -560,7 +562,8 @@ def opcheck_samples():
             samples.append((ops.conv2d_relu.default, (x, weight, bias, *g)))
             samples.append((ops.conv2d_relu.default, (x, weight, None, *g)))
             samples.append((ops.conv2d_add_relu.default, (x, weight, residual, bias, *g)))
-            samples.append((ops.add_relu.default, (residual, residual * 0.5)))
+            # A leaf, not `residual * 0.5`: opcheck runs backward twice and the product's graph is freed after one.
+            samples.append((ops.add_relu.default, (residual, (residual * 0.5).detach().requires_grad_(grad))))
     return samples
 
 

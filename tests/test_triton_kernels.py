@@ -22,6 +22,7 @@ from cnnkernels.triton_ops import _autotune, conv
 from conftest import HAVE_CUDA as HAS_CUDA  # conftest also chose the interpreter without a GPU
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+pytestmark = pytest.mark.on_device  # on the GPU where there is one, else in the interpreter
 
 # Error floor of the tolerance rule, relative to the reference's largest magnitude.
 FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5, torch.float64: 1e-12}

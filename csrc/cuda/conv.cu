@@ -36,7 +36,7 @@ namespace cnnkernels {
 std::vector<std::string> cuda_kernel_names() {
   std::vector<std::string> names = {"add_relu", "relu_backward_bias_grad", "conv_implicit_gemm", "conv_direct"};
 #ifdef CNNKERNELS_WITH_CUTLASS
-  names.push_back("conv_cutlass_sm90_bf16");
+  names.push_back("conv_cutlass_sm90_bf16");  // tiles 128x128 and 128x64
   names.push_back("conv_cutlass_sm90_fp16");
 #endif
   return names;
@@ -150,6 +150,21 @@ using cutlass_sm90::ConvProblem;
 using cutlass_sm90::Element;
 using cutlass_sm90::Sm90ConvBiasResidualRelu;
 
+// Calls f with the CUTLASS kernel for this dtype and output-channel count (as a value of its
+// type): the 64-wide tile for at most 64 output channels, else the 128-wide one.
+template <typename F>
+auto with_cutlass_kernel(at::ScalarType dtype, int64_t out_channels, F&& f) {
+  using cutlass_sm90::kNarrowTileN;
+  using cutlass_sm90::kWideTileN;
+  const bool narrow = out_channels <= kNarrowTileN;
+  if (dtype == at::kBFloat16) {
+    return narrow ? f(Sm90ConvBiasResidualRelu<Element::kBF16, kNarrowTileN>{})
+                  : f(Sm90ConvBiasResidualRelu<Element::kBF16, kWideTileN>{});
+  }
+  return narrow ? f(Sm90ConvBiasResidualRelu<Element::kFP16, kNarrowTileN>{})
+                : f(Sm90ConvBiasResidualRelu<Element::kFP16, kWideTileN>{});
+}
+
 constexpr int64_t kChannelAlign = 8;  // 16 bytes of bf16/fp16: TMA's row alignment
 
 int64_t padded_channels(int64_t c) { return (c + kChannelAlign - 1) / kChannelAlign * kChannelAlign; }
@@ -168,8 +183,7 @@ ConvProblem geometry_of(const ConvShape& s) {
 }
 
 bool cutlass_can_implement(at::ScalarType dtype, const ConvProblem& p) {
-  return dtype == at::kBFloat16 ? Sm90ConvBiasResidualRelu<Element::kBF16>::can_implement(p)
-                                : Sm90ConvBiasResidualRelu<Element::kFP16>::can_implement(p);
+  return with_cutlass_kernel(dtype, p.K, [&](auto kernel) { return decltype(kernel)::can_implement(p); });
 }
 
 // Why the CUTLASS kernel cannot take this conv; empty when it can.
@@ -200,7 +214,9 @@ std::string cutlass_unsupported(const ConvShape& s, const at::Tensor& input) {
 at::Tensor as_tma_operand(const at::Tensor& t, int64_t channels) {
   const auto CL = at::MemoryFormat::ChannelsLast;
   if (t.size(1) != channels) {
-    at::Tensor padded = at::zeros({t.size(0), channels, t.size(2), t.size(3)}, t.options().memory_format(CL));
+    // Not at::zeros: factory functions without a memory_format argument drop the options' one,
+    // which made this NCHW (wrong results for every padded stem on the first H200 run).
+    at::Tensor padded = at::empty({t.size(0), channels, t.size(2), t.size(3)}, t.options().memory_format(CL)).zero_();
     padded.narrow(1, 0, t.size(1)).copy_(t);
     return padded;
   }
@@ -228,14 +244,13 @@ void run_cutlass(const char* op, const ConvShape& s, const at::Tensor& input, co
   p.residual = res.defined() ? res.const_data_ptr() : nullptr;
   p.output = y.mutable_data_ptr();
 
-  const bool bf16 = input.scalar_type() == at::kBFloat16;
-  const size_t ws_bytes = bf16 ? Sm90ConvBiasResidualRelu<Element::kBF16>::workspace_size(p)
-                               : Sm90ConvBiasResidualRelu<Element::kFP16>::workspace_size(p);
-  at::Tensor workspace;
-  if (ws_bytes > 0) workspace = at::empty({static_cast<int64_t>(ws_bytes)}, input.options().dtype(at::kByte));
-  void* ws = ws_bytes > 0 ? workspace.mutable_data_ptr() : nullptr;
-  const char* error = bf16 ? Sm90ConvBiasResidualRelu<Element::kBF16>::run(p, ws, stream)
-                           : Sm90ConvBiasResidualRelu<Element::kFP16>::run(p, ws, stream);
+  const char* error = with_cutlass_kernel(input.scalar_type(), p.K, [&](auto kernel) {
+    using Kernel = decltype(kernel);
+    const size_t ws_bytes = Kernel::workspace_size(p);
+    at::Tensor workspace;
+    if (ws_bytes > 0) workspace = at::empty({static_cast<int64_t>(ws_bytes)}, input.options().dtype(at::kByte));
+    return Kernel::run(p, ws_bytes > 0 ? workspace.mutable_data_ptr() : nullptr, stream);
+  });
   TORCH_CHECK(error == nullptr, op, ": ", error);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (!direct) out.copy_(y);

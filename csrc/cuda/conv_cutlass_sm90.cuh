@@ -12,9 +12,11 @@
 // UTMALDG.IM2COL, no local memory; see resource_usage.txt). The first GPU run must confirm it
 // with benchmarks against cuDNN (the issue's targets: >= 1.15x eager, >= 1.0x cuDNN fused).
 //
-// Build budget: CI compiles this on 2 cores every run, so there is one tile shape
-// (128x128x64, one consumer warpgroup, cluster 1x1x1) and one instantiation per element type;
-// the residual is a runtime choice (beta), not a second instantiation. CUTLASS 4.2's conv
+// Build budget: CI compiles this on 2 cores every run, so there are two tile shapes, 128x128x64
+// and 128x64x64 (one consumer warpgroup, cluster 1x1x1), each instantiated per element type in
+// its own file; the residual is a runtime choice (beta), not another instantiation. The 64-wide
+// tile is for convs with at most 64 output channels: on the first H200 run those ran at 20-26%
+// of the roofline with the 128-wide tile, half of whose MMAs then multiply zeros. CUTLASS 4.2's conv
 // kernels support only the non-persistent KernelImplicitTmaWarpSpecializedSm90 schedule.
 //
 // The device code exists only when compiled for sm_90a (wgmma is arch-conditional); for other
@@ -50,12 +52,12 @@ struct ElementType<Element::kFP16> {
   using type = cutlass::half_t;
 };
 
-template <Element E>
+template <Element E, int TileN>
 struct ConvKernelConfig {
   using T = typename ElementType<E>::type;
   static constexpr int kAlignment = 128 / cutlass::sizeof_bits<T>::value;  // 16-byte TMA rows
   using Layout = cutlass::layout::TensorNHWC;
-  using TileShape = cute::Shape<cute::_128, cute::_128, cute::Shape<cute::_64>>;
+  using TileShape = cute::Shape<cute::_128, cute::Int<TileN>, cute::Shape<cute::_64>>;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   static constexpr auto kConvOp = cutlass::conv::Operator::kFprop;
 
@@ -85,9 +87,9 @@ struct ConvKernelConfig {
   using StrideD = typename Kernel::StrideD;
 };
 
-template <Element E>
-static typename ConvKernelConfig<E>::Conv::Arguments make_arguments(const ConvProblem& p) {
-  using Config = ConvKernelConfig<E>;
+template <Element E, int TileN>
+static typename ConvKernelConfig<E, TileN>::Conv::Arguments make_arguments(const ConvProblem& p) {
+  using Config = ConvKernelConfig<E, TileN>;
   using T = typename Config::T;
   typename Config::ProblemShape shape(cutlass::conv::Mode::kCrossCorrelation,
                                       {p.N, p.H, p.W, p.C},  // activation, NHWC
@@ -118,9 +120,9 @@ static typename ConvKernelConfig<E>::Conv::Arguments make_arguments(const ConvPr
   return args;
 }
 
-template <Element E>
-bool Sm90ConvBiasResidualRelu<E>::can_implement(const ConvProblem& p) {
-  using Config = ConvKernelConfig<E>;
+template <Element E, int TileN>
+bool Sm90ConvBiasResidualRelu<E, TileN>::can_implement(const ConvProblem& p) {
+  using Config = ConvKernelConfig<E, TileN>;
   constexpr int kAlign = Config::kAlignment;
   // TMA im2col: traversal strides are at most 8 (cuTensorMapEncodeIm2col's elementStrides).
   // CUTLASS's own can_implement checks channel alignment, padding, corners and filter offsets.
@@ -129,21 +131,21 @@ bool Sm90ConvBiasResidualRelu<E>::can_implement(const ConvProblem& p) {
   for (const void* ptr : {p.input, p.weight, p.bias, p.residual, static_cast<const void*>(p.output)}) {
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
   }
-  auto args = make_arguments<E>(p);
+  auto args = make_arguments<E, TileN>(p);
   // The problem shape derives P and Q itself; they must be the ones the caller allocated.
   if (args.problem_shape.shape_C[1] != p.P || args.problem_shape.shape_C[2] != p.Q) return false;
   return Config::Conv::can_implement(args) == cutlass::Status::kSuccess;
 }
 
-template <Element E>
-size_t Sm90ConvBiasResidualRelu<E>::workspace_size(const ConvProblem& p) {
-  return ConvKernelConfig<E>::Conv::get_workspace_size(make_arguments<E>(p));
+template <Element E, int TileN>
+size_t Sm90ConvBiasResidualRelu<E, TileN>::workspace_size(const ConvProblem& p) {
+  return ConvKernelConfig<E, TileN>::Conv::get_workspace_size(make_arguments<E, TileN>(p));
 }
 
-template <Element E>
-const char* Sm90ConvBiasResidualRelu<E>::run(const ConvProblem& p, void* workspace, cudaStream_t stream) {
-  typename ConvKernelConfig<E>::Conv conv;
-  auto args = make_arguments<E>(p);
+template <Element E, int TileN>
+const char* Sm90ConvBiasResidualRelu<E, TileN>::run(const ConvProblem& p, void* workspace, cudaStream_t stream) {
+  typename ConvKernelConfig<E, TileN>::Conv conv;
+  auto args = make_arguments<E, TileN>(p);
   if (conv.initialize(args, workspace, stream) != cutlass::Status::kSuccess) {
     return "CUTLASS conv initialize() failed (TMA descriptor or shared-memory attribute)";
   }

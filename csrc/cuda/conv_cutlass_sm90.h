@@ -22,8 +22,11 @@ struct ConvProblem {
   int pad_h = 0, pad_w = 0, stride_h = 1, stride_w = 1, dil_h = 1, dil_w = 1;
 };
 
-// Defined once per element type in conv_cutlass_sm90_<type>.cu.
-template <Element E>
+// Output-channel tile widths: 64 for convs with at most 64 output channels, else 128.
+constexpr int kNarrowTileN = 64, kWideTileN = 128;
+
+// Defined once per element type and tile width in conv_cutlass_sm90_<type>_n<width>.cu.
+template <Element E, int TileN>
 struct Sm90ConvBiasResidualRelu {
   // Host-only: whether this kernel accepts the problem (alignment, TMA im2col limits).
   static bool can_implement(const ConvProblem& p);
@@ -32,7 +35,9 @@ struct Sm90ConvBiasResidualRelu {
   static const char* run(const ConvProblem& p, void* workspace, cudaStream_t stream);
 };
 
-extern template struct Sm90ConvBiasResidualRelu<Element::kBF16>;
-extern template struct Sm90ConvBiasResidualRelu<Element::kFP16>;
+extern template struct Sm90ConvBiasResidualRelu<Element::kBF16, kWideTileN>;
+extern template struct Sm90ConvBiasResidualRelu<Element::kBF16, kNarrowTileN>;
+extern template struct Sm90ConvBiasResidualRelu<Element::kFP16, kWideTileN>;
+extern template struct Sm90ConvBiasResidualRelu<Element::kFP16, kNarrowTileN>;
 
 }  // namespace cnnkernels::cutlass_sm90
