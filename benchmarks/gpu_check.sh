@@ -72,12 +72,11 @@ fi
 # threads each, so that CPU work in the tests does not oversubscribe the cores.
 XDIST=""
 python3 -c "import xdist" 2> /dev/null && XDIST="-n 12"
-export OMP_NUM_THREADS=2
 # First the tests that use the GPU: marked `gpu` (CUDA only) or `on_device` (on the GPU where
 # there is one: the Triton kernel tests). A run stopped at its cap did not run every test: its
 # report is kept as gpu-tests-partial.xml and not given to the bench, so the results do not
 # count as verified (bench/auto_choice.py).
-step tests_gpu "$(left 190 330)" env CNNKERNELS_REQUIRE_CUDA=1 CNNKERNELS_AUTOTUNE=0 python3 -m pytest tests -q \
+step tests_gpu "$(left 190 330)" env OMP_NUM_THREADS=2 CNNKERNELS_REQUIRE_CUDA=1 CNNKERNELS_AUTOTUNE=0 python3 -m pytest tests -q \
   $XDIST -m "gpu or on_device" -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml"
 [ "$LAST_RC" -eq 124 ] && [ -f "$OUT/gpu-tests.xml" ] && mv "$OUT/gpu-tests.xml" "$OUT/gpu-tests-partial.xml"
 grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed)" "$LOG" | tail -n 1
@@ -105,7 +104,7 @@ step memcheck "$(left 25 20)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
 
 # With the time left: the API and backward tests, which call the C++ ops on CPU tensors too
 # (CI runs every CPU test, but on its own torch; this is the image's).
-step tests_cpu_api "$(left 60 0)" env CNNKERNELS_AUTOTUNE=0 python3 -m pytest tests/test_api.py tests/test_backward.py \
+step tests_cpu_api "$(left 60 0)" env OMP_NUM_THREADS=2 CNNKERNELS_AUTOTUNE=0 python3 -m pytest tests/test_api.py tests/test_backward.py \
   -q $XDIST -m "not gpu and not on_device" -p no:cacheprovider --junitxml="$OUT/work/cpu-api-tests.xml"
 
 # At most 8 files come back from the device machine: the key ones, plus one archive of all. Six

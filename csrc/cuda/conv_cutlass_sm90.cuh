@@ -23,6 +23,14 @@
 // targets CUTLASS compiles a stub, and conv.cu's probe kernel keeps us from ever launching it.
 #pragma once
 
+// Before any include (so the instantiation files include this header first): CUTLASS's
+// device-side asserts are calls, and a call between wgmma instructions makes ptxas serialize
+// them (warning C7510), a large loss. conv.cu checks every precondition the host-side asserts
+// would (can_implement) before it runs the kernel.
+#ifndef NDEBUG
+#define NDEBUG
+#endif
+
 #include "conv_cutlass_sm90.h"
 
 #include <cute/tensor.hpp>
