@@ -5,10 +5,14 @@ Eager PyTorch reads the activation three times and writes it twice in the forwar
 statistics, BN's normalization, then ReLU or add + ReLU); here two reads and one write:
 
   forward   1. per-channel partial sums of (x - k) and (x - k)^2 (k = x[0, c, 0, 0], a shift
-               that keeps the variance free of cancellation), then their fixed-order total;
-            2. out = relu(x * scale + shift (+ residual)), scale = weight * invstd.
+               that keeps the variance free of cancellation);
+            2. their fixed-order totals, and from them mean, variance, scale = weight * invstd
+               and shift (one small kernel, not a dozen tiny torch ops: the host cost per BN);
+            3. out = relu(x * scale + shift (+ residual)).
   backward  1. per-channel partial sums of g' and g' * (x - mean), g' = grad masked by out > 0;
-            2. grad_x = scale * (g' - sum(g') / M - (x - mean) * invstd^2 * sum(g' (x - mean)) / M),
+            2. their totals, the per-channel coefficients below and the weight's and bias's
+               gradients (one small kernel);
+            3. grad_x = scale * (g' - sum(g') / M - (x - mean) * invstd^2 * sum(g' (x - mean)) / M),
                and g' itself as the residual's gradient when it needs one.
 
 The per-channel partial sums and their totals follow relu_backward.py's scheme (a split that
@@ -64,19 +68,75 @@ def _channel_partial_sums_kernel(
 
 
 @triton.jit
-def _sum_two_partials_kernel(partial_a_ptr, partial_b_ptr, total_a_ptr, total_b_ptr, rows, C,
-                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    acc_a = tl.zeros((BLOCK_R, BLOCK_C), dtype=total_a_ptr.dtype.element_ty)
-    acc_b = tl.zeros((BLOCK_R, BLOCK_C), dtype=total_a_ptr.dtype.element_ty)
+def _sum_partial_rows(partial_a_ptr, partial_b_ptr, rows, C, cs, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                      F64: tl.constexpr):
+    """Per-channel totals of the two partial-sum tables (rows x C), in a fixed order."""
+    acc_t = tl.float64 if F64 else tl.float32
+    acc_a = tl.zeros((BLOCK_R, BLOCK_C), dtype=acc_t)
+    acc_b = tl.zeros((BLOCK_R, BLOCK_C), dtype=acc_t)
     for r0 in range(0, rows, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
         mask = (rs[:, None] < rows) & (cs[None, :] < C)
         at = rs[:, None].to(tl.int64) * C + cs[None, :]
         acc_a += tl.load(partial_a_ptr + at, mask=mask, other=0.0)
         acc_b += tl.load(partial_b_ptr + at, mask=mask, other=0.0)
-    tl.store(total_a_ptr + cs, tl.sum(acc_a, axis=0), mask=cs < C)
-    tl.store(total_b_ptr + cs, tl.sum(acc_b, axis=0), mask=cs < C)
+    return tl.sum(acc_a, axis=0), tl.sum(acc_b, axis=0)
+
+
+@triton.jit
+def _invstd(var, eps, F64: tl.constexpr):
+    """1 / sqrt(var + eps), with a correctly rounded square root (tl.math.rsqrt is approximate)."""
+    if F64:
+        root = tl.sqrt(var + eps)  # float64's sqrt is IEEE; sqrt_rn takes float32 only
+    else:
+        root = tl.sqrt_rn(var + eps)
+    return 1.0 / root
+
+
+@triton.jit
+def _forward_stats_kernel(partial_a_ptr, partial_b_ptr, rows, C, x_ptr, stride_c, weight_ptr, bias_ptr, eps, count,
+                          mean_ptr, var_ptr, scale_ptr, shift_ptr,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, F64: tl.constexpr):
+    """From the sums of d = x - k and d^2 (k = x[0, c, 0, 0]): the batch mean, the biased variance,
+    and the affine map relu's input is x * scale + shift. One launch instead of a dozen tiny ops."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cs < C
+    acc_t = tl.float64 if F64 else tl.float32
+    sum_d, sum_d2 = _sum_partial_rows(partial_a_ptr, partial_b_ptr, rows, C, cs, BLOCK_R, BLOCK_C, F64)
+    center = tl.load(x_ptr + cs.to(tl.int64) * stride_c, mask=c_ok, other=0.0).to(acc_t)
+    mean_d = sum_d / count
+    var = sum_d2 / count - mean_d * mean_d
+    var = tl.where(var < 0, 0.0, var)  # rounding can take it below 0; NaN stays NaN
+    mean = center + mean_d
+    scale = tl.load(weight_ptr + cs, mask=c_ok, other=0.0).to(acc_t) * _invstd(var, eps, F64)
+    shift = tl.load(bias_ptr + cs, mask=c_ok, other=0.0).to(acc_t) - mean * scale
+    tl.store(mean_ptr + cs, mean, mask=c_ok)
+    tl.store(var_ptr + cs, var, mask=c_ok)
+    tl.store(scale_ptr + cs, scale, mask=c_ok)
+    tl.store(shift_ptr + cs, shift, mask=c_ok)
+
+
+@triton.jit
+def _backward_coefficients_kernel(partial_a_ptr, partial_b_ptr, rows, C, mean_ptr, var_ptr, weight_ptr, eps, count,
+                                  scale_ptr, neg_k_ptr, coef_ptr, grad_weight_ptr, grad_bias_ptr,
+                                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, F64: tl.constexpr,
+                                  INTERPRETED: tl.constexpr):
+    """From the sums of g' and g' * (x - mean): grad_x = g' * scale + x * neg_k + coef (see the
+    module docstring), and the weight's and bias's gradients."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cs < C
+    acc_t = tl.float64 if F64 else tl.float32
+    sum_g, sum_gx = _sum_partial_rows(partial_a_ptr, partial_b_ptr, rows, C, cs, BLOCK_R, BLOCK_C, F64)
+    mean = tl.load(mean_ptr + cs, mask=c_ok, other=0.0)
+    invstd = _invstd(tl.load(var_ptr + cs, mask=c_ok, other=0.0), eps, F64)
+    scale = tl.load(weight_ptr + cs, mask=c_ok, other=0.0).to(acc_t) * invstd
+    k = scale * invstd * invstd * sum_gx / count
+    tl.store(scale_ptr + cs, scale, mask=c_ok)
+    tl.store(neg_k_ptr + cs, -k, mask=c_ok)
+    tl.store(coef_ptr + cs, mean * k - scale * sum_g / count, mask=c_ok)
+    wdtype = grad_weight_ptr.dtype.element_ty
+    tl.store(grad_weight_ptr + cs, store_cast(sum_gx * invstd, wdtype, INTERPRETED), mask=c_ok)
+    tl.store(grad_bias_ptr + cs, store_cast(sum_g, wdtype, INTERPRETED), mask=c_ok)
 
 
 @triton.jit
@@ -122,26 +182,26 @@ def _layout(t):
     return t, N, C, H * W, dense_strides(N, C, H * W, channels_last), channels_last
 
 
-def _channel_sums(x, g, out, mean, backward):
-    """Per-channel totals (a, b) in the accumulation dtype, as _channel_partial_sums_kernel defines them."""
+_STATS_BLOCK_R, _STATS_BLOCK_C = 64, 32
+
+
+def _channel_partials(x, g, out, mean, backward):
+    """Launches _channel_partial_sums_kernel: (dense x, C, partial_a, partial_b, rows), the two
+    (rows x C) tables of per-program sums in the accumulation dtype."""
     x, N, C, HW, strides, channels_last = _layout(x)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     block_s, block_c, s_per_prog, chunks = grid_split(N, C, HW, channels_last)
     partial_a = torch.empty((N * chunks, C), dtype=acc_dtype, device=x.device)
     partial_b = torch.empty_like(partial_a)
-    total_a = torch.empty(C, dtype=acc_dtype, device=x.device)
-    total_b = torch.empty_like(total_a)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     g = x if g is None else g.contiguous(memory_format=fmt)
     out = x if out is None else out.contiguous(memory_format=fmt)
-    mean = total_a if mean is None else mean
+    mean = partial_a if mean is None else mean
     with _runtime.device_guard(x):
         _runtime.launcher(_channel_partial_sums_kernel)[(N * chunks, triton.cdiv(C, block_c))](
             x, g, out, mean, partial_a, partial_b, C, HW, s_per_prog, chunks, *strides,
             BACKWARD=backward, BLOCK_S=block_s, BLOCK_C=block_c, F64=acc_dtype == torch.float64, num_warps=4)
-        _runtime.launcher(_sum_two_partials_kernel)[(triton.cdiv(C, 32),)](
-            partial_a, partial_b, total_a, total_b, N * chunks, C, BLOCK_R=64, BLOCK_C=32, num_warps=4)
-    return total_a, total_b
+    return x, C, partial_a, partial_b, N * chunks
 
 
 def _elementwise(x, g, out, residual, scale, shift, coef, backward, want_residual_grad):
@@ -187,13 +247,14 @@ def batch_norm_relu_train_triton(input: torch.Tensor, weight: torch.Tensor, bias
         out = torch.empty_like(input, memory_format=output_memory_format(input))
         return out, input.new_empty(C, dtype=acc_dtype), input.new_empty(C, dtype=acc_dtype)
     count = input.numel() // C
-    sum_d, sum_d2 = _channel_sums(input, None, None, None, backward=False)
-    shift_k = input[0, :, 0, 0].to(acc_dtype)
-    mean_d = sum_d / count
-    var = (sum_d2 / count - mean_d * mean_d).clamp_min(0)
-    mean = shift_k + mean_d
-    scale = weight.to(acc_dtype) * torch.rsqrt(var + eps)
-    shift = bias.to(acc_dtype) - mean * scale
+    x, C, partial_a, partial_b, rows = _channel_partials(input, None, None, None, backward=False)
+    # mean and var are outputs: their own tensors (a custom op's outputs may not alias each other).
+    mean, var = (torch.empty(C, dtype=acc_dtype, device=input.device) for _ in range(2))
+    scale, shift = torch.empty((2, C), dtype=acc_dtype, device=input.device).unbind(0)
+    with _runtime.device_guard(x):
+        _runtime.launcher(_forward_stats_kernel)[(triton.cdiv(C, _STATS_BLOCK_C),)](
+            partial_a, partial_b, rows, C, x, x.stride(1), weight, bias, eps, count, mean, var, scale, shift,
+            BLOCK_R=_STATS_BLOCK_R, BLOCK_C=_STATS_BLOCK_C, F64=acc_dtype == torch.float64, num_warps=4)
     out, _ = _elementwise(input, None, None, residual, scale, shift, None, backward=False, want_residual_grad=False)
     return out, mean, var
 
@@ -210,17 +271,16 @@ def batch_norm_relu_backward_triton(grad: torch.Tensor, input: torch.Tensor, out
         return [empty, weight.new_empty(C), weight.new_empty(C),
                 torch.empty_like(empty) if residual_grad else input.new_empty(0)]
     count = input.numel() // C
-    sum_g, sum_gx = _channel_sums(input, grad, output, mean, backward=True)
-    invstd = torch.rsqrt(var + eps)
-    scale = weight.to(mean.dtype) * invstd
-    # grad_x = scale * (g' - sum_g / M - (x - mean) * invstd^2 * sum_gx / M)
-    #        = g' * scale + x * (-scale * invstd^2 * sum_gx / M) + coef
-    k = scale * invstd * invstd * sum_gx / count
-    coef = -scale * sum_g / count + mean * k
-    grad_input, grad_residual = _elementwise(input, grad, output, None, scale, -k, coef, backward=True,
+    x, C, partial_a, partial_b, rows = _channel_partials(input, grad, output, mean, backward=True)
+    scale, neg_k, coef = torch.empty((3, C), dtype=mean.dtype, device=input.device).unbind(0)
+    grad_weight, grad_bias = weight.new_empty(C), weight.new_empty(C)
+    with _runtime.device_guard(x):
+        _runtime.launcher(_backward_coefficients_kernel)[(triton.cdiv(C, _STATS_BLOCK_C),)](
+            partial_a, partial_b, rows, C, mean, var, weight, eps, count, scale, neg_k, coef, grad_weight, grad_bias,
+            BLOCK_R=_STATS_BLOCK_R, BLOCK_C=_STATS_BLOCK_C, F64=mean.dtype == torch.float64,
+            INTERPRETED=_runtime.is_interpreted(_backward_coefficients_kernel), num_warps=4)
+    grad_input, grad_residual = _elementwise(input, grad, output, None, scale, neg_k, coef, backward=True,
                                              want_residual_grad=residual_grad)
-    grad_weight = (sum_gx * invstd).to(weight.dtype)
-    grad_bias = sum_g.to(weight.dtype)
     return [grad_input, grad_weight, grad_bias, grad_residual if residual_grad else input.new_empty(0)]
 
 
