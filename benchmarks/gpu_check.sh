@@ -2,8 +2,8 @@
 # The GPU check, in one call on an H100 or H200 with the machine's own torch:
 #   builds the extension for Hopper, checks that the C++ ops raise on bad arguments, runs the
 #   tests that use the GPU, the benchmark suite's default GPU subset, its training step (--train)
-#   and a profile of that step, compute-sanitizer over the CUDA kernels, then the API tests on the
-#   CPU with the time left, and writes everything under $OUT (default ./gpu-out). The steps end by
+#   and a profile of that step, compute-sanitizer over the CUDA kernels, then the rest of the test
+#   suite with the time left, and writes everything under $OUT (default ./gpu-out). The steps end by
 #   585 s, under one device command's 10 minutes (the first H200 run: 72 s build, 10 min in all).
 # Usage: bash benchmarks/gpu_check.sh [--full]
 # Each step has its own time cap, so one slow step cannot eat the lease; the summary at the
@@ -82,7 +82,7 @@ step tests_gpu "$(left 190 330)" env OMP_NUM_THREADS=2 CNNKERNELS_REQUIRE_CUDA=1
 grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed)" "$LOG" | tail -n 1
 
 # The bench stops starting measurements after --budget-s; what is left is recorded as skipped.
-BENCH_ARGS=(--out "$OUT/work/bench" --gpu-tests-report "$OUT/gpu-tests.xml" --budget-s 140) BENCH_CAP=190
+BENCH_ARGS=(--out "$OUT/work/bench" --gpu-tests-report "$OUT/gpu-tests.xml" --budget-s 120) BENCH_CAP=165
 [ "$FULL" = "--full" ] && BENCH_ARGS+=(--full --budget-s 480) BENCH_CAP=560
 step bench "$(left "$BENCH_CAP" 130)" python3 -m cnnkernels.bench "${BENCH_ARGS[@]}"
 
@@ -102,10 +102,11 @@ step profile "$(left 40 45)" python3 benchmarks/profile_train_step.py
 step memcheck "$(left 25 20)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   compute-sanitizer --tool memcheck --error-exitcode 1 python3 csrc/cuda/memcheck.py
 
-# With the time left: the API and backward tests, which call the C++ ops on CPU tensors too
-# (CI runs every CPU test, but on its own torch; this is the image's).
-step tests_cpu_api "$(left 60 0)" env OMP_NUM_THREADS=2 CNNKERNELS_AUTOTUNE=0 python3 -m pytest tests/test_api.py tests/test_backward.py \
-  -q $XDIST -m "not gpu and not on_device" -p no:cacheprovider --junitxml="$OUT/work/cpu-api-tests.xml"
+# With the time left, the rest of the suite (CPU tensors, the image's torch; CI runs it on its
+# own): the API and backward tests first, which call the C++ ops directly.
+step tests_cpu "$(left 200 0)" env OMP_NUM_THREADS=2 CNNKERNELS_AUTOTUNE=0 python3 -m pytest tests/test_api.py \
+  tests/test_backward.py tests -q $XDIST -m "not gpu and not on_device" -p no:cacheprovider \
+  --junitxml="$OUT/work/cpu-tests.xml"
 
 # At most 8 files come back from the device machine: the key ones, plus one archive of all. Six
 # land in $OUT: gpu_check.log, gpu-tests.xml, the layer and -train JSON, README-section.md, the archive.
