@@ -4,7 +4,13 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 
+#include <cstdint>
+
 namespace cnnkernels::cuda {
+
+struct Strides4 {
+  int64_t n, c, h, w;  // for a weight: k, c, r, s
+};
 
 // `x < 0` is false for NaN, so NaN passes through as torch.relu lets it.
 template <typename T>

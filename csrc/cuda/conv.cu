@@ -4,9 +4,10 @@
 // sm_90, the build holds sm_90a code, and the conv fits them: groups == 1, out channels a
 // multiple of 8, stride <= 8 and CUTLASS's TMA im2col limits. They need channels_last-dense,
 // 16-byte-aligned tensors with in channels a multiple of 8, so other inputs are copied once into
-// that form (zero channels appended, e.g. 3 -> 8 for an RGB stem; an NCHW output copied back):
-// far cheaper than running such a conv on CUDA cores. Everything else, fp32 (IEEE, no TF32) and
-// fp64 included, runs the generic kernels of conv_generic.cuh.
+// that form (zero channels appended, e.g. 12 -> 16; an NCHW output copied back): far cheaper than
+// running such a conv on CUDA cores. A stem (fewer than 16 in channels, e.g. RGB) runs instead as
+// a 1x1 conv over its packed windows (pack_windows.cuh). Everything else, fp32 (IEEE, no TF32)
+// and fp64 included, runs the generic kernels of conv_generic.cuh.
 //
 // CNNKERNELS_CUDA_CONV (read on every call) picks the kernel for tests and benchmarks:
 // "auto" (default), "generic", or "cutlass" (raises NotImplementedError saying why when the
@@ -30,6 +31,7 @@
 #include "conv_cutlass_sm90.h"
 #include "conv_generic.cuh"
 #include "cuda_kernels.h"
+#include "pack_windows.cuh"
 
 namespace cnnkernels {
 
@@ -169,11 +171,24 @@ constexpr int64_t kChannelAlign = 8;  // 16 bytes of bf16/fp16: TMA's row alignm
 
 int64_t padded_channels(int64_t c) { return (c + kChannelAlign - 1) / kChannelAlign * kChannelAlign; }
 
-// The conv as the CUTLASS kernel runs it: input channels padded with zeros to a multiple of 8.
+// A stem (fewer than 16 input channels, a kernel larger than 1x1) runs as a 1x1 conv over its
+// packed windows (pack_windows.cuh): C * R * S reduction columns rounded up to 8, instead of a
+// 64-wide channel tile per tap for C padded to 8 (an RGB 7x7 stem: 152 columns against 49 x 64).
+bool packs_windows(const ConvShape& s) { return s.C < 16 && s.R * s.S > 1; }
+
+// The conv as the CUTLASS kernel runs it: input channels padded with zeros to a multiple of 8,
+// or, for a stem, the 1x1 conv over its packed windows.
 ConvProblem geometry_of(const ConvShape& s) {
   ConvProblem p;
-  p.N = static_cast<int>(s.N); p.H = static_cast<int>(s.H); p.W = static_cast<int>(s.W);
-  p.C = static_cast<int>(padded_channels(s.C)); p.K = static_cast<int>(s.K);
+  p.N = static_cast<int>(s.N); p.K = static_cast<int>(s.K);
+  if (packs_windows(s)) {  // R = S = 1, no padding, stride and dilation 1: the struct's defaults
+    p.H = p.P = static_cast<int>(s.OH); p.W = p.Q = static_cast<int>(s.OW);
+    p.C = static_cast<int>(padded_channels(s.C * s.R * s.S));
+    p.R = p.S = 1;
+    return p;
+  }
+  p.H = static_cast<int>(s.H); p.W = static_cast<int>(s.W);
+  p.C = static_cast<int>(padded_channels(s.C));
   p.R = static_cast<int>(s.R); p.S = static_cast<int>(s.S);
   p.P = static_cast<int>(s.OH); p.Q = static_cast<int>(s.OW);
   p.pad_h = static_cast<int>(s.pad_h); p.pad_w = static_cast<int>(s.pad_w);
@@ -225,13 +240,47 @@ at::Tensor as_tma_operand(const at::Tensor& t, int64_t channels) {
   return c;
 }
 
+// The stem's input windows as a (N, OH, OW, kpad) channels_last tensor (pack_windows.cuh).
+at::Tensor packed_windows(const ConvShape& s, const at::Tensor& input, int64_t kpad, cudaStream_t stream) {
+  at::Tensor cols = at::empty({s.N, kpad, s.OH, s.OW}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  PackWindowsParams p{};
+  p.M = s.N * s.OH * s.OW;
+  p.C = static_cast<int>(s.C); p.H = static_cast<int>(s.H); p.W = static_cast<int>(s.W);
+  p.R = static_cast<int>(s.R); p.S = static_cast<int>(s.S);
+  p.OH = static_cast<int>(s.OH); p.OW = static_cast<int>(s.OW);
+  p.stride_h = static_cast<int>(s.stride_h); p.stride_w = static_cast<int>(s.stride_w);
+  p.pad_h = static_cast<int>(s.pad_h); p.pad_w = static_cast<int>(s.pad_w);
+  p.dil_h = static_cast<int>(s.dil_h); p.dil_w = static_cast<int>(s.dil_w);
+  p.Kred = static_cast<int>(s.C * s.R * s.S);
+  p.Kpad = static_cast<int>(kpad);
+  p.in = strides_of(input);
+  const int64_t total = p.M * kpad;
+  const auto blocks = static_cast<unsigned>(
+      std::min<int64_t>((total + kPackThreads - 1) / kPackThreads, int64_t{multiprocessor_count()} * 16));
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(input.scalar_type(), "pack_windows", [&] {
+    pack_windows_kernel<scalar_t><<<blocks, kPackThreads, 0, stream>>>(p, input.const_data_ptr<scalar_t>(),
+                                                                       cols.mutable_data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return cols;
+}
+
+// The weight of the packed 1x1 conv: (K, C, R, S) as rows (r, s, c), zero-padded to kpad.
+at::Tensor packed_weight(const at::Tensor& weight, int64_t kpad) {
+  const int64_t K = weight.size(0), taps = weight.size(1) * weight.size(2) * weight.size(3);
+  at::Tensor rows = at::zeros({K, kpad}, weight.options());  // a fresh, 16-byte aligned allocation
+  rows.narrow(1, 0, taps).copy_(weight.permute({0, 2, 3, 1}).reshape({K, taps}));
+  return rows;
+}
+
 void run_cutlass(const char* op, const ConvShape& s, const at::Tensor& input, const at::Tensor& weight,
                  const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& out,
                  cudaStream_t stream) {
   const auto CL = at::MemoryFormat::ChannelsLast;
   ConvProblem p = geometry_of(s);
-  const at::Tensor x = as_tma_operand(input, p.C);
-  const at::Tensor w = as_tma_operand(weight, p.C);
+  const bool packed = packs_windows(s);
+  const at::Tensor x = packed ? packed_windows(s, input, p.C, stream) : as_tma_operand(input, p.C);
+  const at::Tensor w = packed ? packed_weight(weight, p.C) : as_tma_operand(weight, p.C);
   const at::Tensor res = residual.defined() ? as_tma_operand(residual, s.K) : at::Tensor();
   at::Tensor b = bias;
   if (b.defined() && !is_aligned(b.const_data_ptr(), 16)) b = b.clone();

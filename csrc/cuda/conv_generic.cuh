@@ -20,10 +20,6 @@
 
 namespace cnnkernels::cuda {
 
-struct Strides4 {
-  int64_t n, c, h, w;  // for a weight: k, c, r, s
-};
-
 struct GenericConvParams {
   int64_t M;  // N * OH * OW
   int N, C, H, W, K, R, S, OH, OW;

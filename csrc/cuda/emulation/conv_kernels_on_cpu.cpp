@@ -1,8 +1,9 @@
 // The generic conv kernels (../conv_generic.cuh) on the CPU against a float64 loop reference:
 // layouts, groups, depthwise, strides, dilation, padding, partial tiles, and grid-stride loops
-// (a capped grid). Run by run.sh.
+// (a capped grid); and the stem's window packing (../pack_windows.cuh) against a loop. Run by run.sh.
 #include "cuda_on_cpu.h"
 #include "conv_generic.cuh"
+#include "pack_windows.cuh"
 #include <cstdio>
 #include <random>
 #include <cmath>
@@ -75,9 +76,48 @@ bool run_case(const Case& c, std::mt19937& rng, bool direct) {
   return ok;
 }
 
+// pack_windows_kernel: every element of the (M x Kpad) rows, padding taps and columns zero.
+bool run_pack_case(const Case& c, std::mt19937& rng, unsigned blocks) {
+  int OH = (c.H + 2*c.ph - c.dh*(c.R-1) - 1)/c.sh + 1, OW = (c.W + 2*c.pw - c.dw*(c.S-1) - 1)/c.sw + 1;
+  std::normal_distribution<float> nd;
+  size_t in_sz; int64_t in_off;
+  Strides4 si = make_strides(c.in_fmt, c.N, c.C, c.H, c.W, &in_sz, &in_off);
+  std::vector<float> in(in_sz);
+  for (auto& v : in) v = nd(rng);
+  PackWindowsParams p{};
+  p.M = (int64_t)c.N*OH*OW; p.C=c.C; p.H=c.H; p.W=c.W; p.R=c.R; p.S=c.S; p.OH=OH; p.OW=OW;
+  p.stride_h=c.sh; p.stride_w=c.sw; p.pad_h=c.ph; p.pad_w=c.pw; p.dil_h=c.dh; p.dil_w=c.dw;
+  p.Kred = c.C*c.R*c.S; p.Kpad = (p.Kred + 7) / 8 * 8; p.in = si;
+  std::vector<float> cols((size_t)p.M * p.Kpad, NAN);
+  const float* ip = in.data() + in_off;
+  launch_on_cpu({blocks,1,1}, kPackThreads, [&]{ pack_windows_kernel<float>(p, ip, cols.data()); });
+  int64_t bad = 0;
+  for (int n = 0; n < c.N; ++n) for (int oh = 0; oh < OH; ++oh) for (int ow = 0; ow < OW; ++ow)
+    for (int col = 0; col < p.Kpad; ++col) {
+      float want = 0;
+      if (col < p.Kred) {
+        int r = col / (c.S*c.C), s = (col / c.C) % c.S, ci = col % c.C;
+        int ih = oh*c.sh - c.ph + r*c.dh, iw = ow*c.sw - c.pw + s*c.dw;
+        if (ih >= 0 && ih < c.H && iw >= 0 && iw < c.W) want = ip[n*si.n + ci*si.c + ih*si.h + iw*si.w];
+      }
+      bad += !(cols[(((int64_t)n*OH + oh)*OW + ow)*p.Kpad + col] == want);
+    }
+  printf("%s pack N%d C%d %dx%d %dx%d s%d,%d p%d,%d d%d,%d in%d blocks%u Kpad%d: %lld wrong\n", bad ? "FAIL" : "ok  ",
+         c.N,c.C,c.H,c.W,c.R,c.S,c.sh,c.sw,c.ph,c.pw,c.dh,c.dw,c.in_fmt,blocks,p.Kpad,(long long)bad);
+  return bad == 0;
+}
+
 int main() {
   std::mt19937 rng(1234);
   bool ok = true;
+  std::vector<Case> stems = {
+    //N C  H  W  K  R S sh sw ph pw dh dw G  in w out res bias ycap
+    {2, 3, 17, 15, 8, 7,7, 2,2, 3,3, 1,1, 1, 1, 0, 1, -1, true, 0},   // RGB 7x7 stem: Kred 147 -> 152
+    {1, 3, 9, 9, 8, 3,3, 1,1, 1,1, 1,1, 1, 0, 0, 1, -1, true, 0},     // VGG's first layer, NCHW input
+    {2, 12, 7, 8, 8, 3,3, 1,1, 1,1, 1,1, 1, 2, 0, 1, -1, true, 0},    // sliced input, Kred 108
+    {1, 8, 12, 11, 8, 3,5, 1,2, 0,2, 2,1, 1, 1, 0, 1, -1, true, 0},   // non-square, stride, dilation
+  };
+  for (auto& c : stems) for (unsigned blocks : {1u, 3u, 64u}) ok &= run_pack_case(c, rng, blocks);
   std::vector<Case> cases = {
     //N C  H  W  K  R S sh sw ph pw dh dw G  in w out res bias ycap
     {2, 5, 6, 7, 3, 1,1, 1,1, 0,0, 1,1, 1, 0, 0, 0, -1, true, 65535},
