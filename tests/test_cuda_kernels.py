@@ -247,6 +247,10 @@ CUTLASS_CASES = {
     "1x5_s12": (1, 8, 7, 12, 16, (1, 5), (1, 2), (0, 2), 1, 1),
     "11x11_s4": (1, 8, 35, 35, 16, (11, 11), 4, 2, 1, 1),
     "1x1_s2": (2, 64, 14, 14, 128, (1, 1), 2, 0, 1, 1),
+    # 1x1, stride 1, more than 64 output channels: the persistent GEMM (a partial row tile in the first).
+    "1x1_gemm_k96": (2, 32, 7, 9, 96, (1, 1), 1, 0, 1, 1),
+    "1x1_gemm_wide": (1, 64, 14, 14, 256, (1, 1), 1, 0, 1, 1),
+    "stem_gemm_k128": (1, 3, 16, 16, 128, (3, 3), 1, 1, 1, 1),  # packed windows, then the GEMM
     "c136_k200": (1, 136, 9, 9, 200, (3, 3), 1, 1, 1, 1),  # partial channel and column tiles
     "resnet_3x3": (4, 64, 28, 28, 64, (3, 3), 1, 1, 1, 1),
     "wide": (2, 256, 7, 7, 512, (3, 3), 1, 1, 1, 1),

@@ -6,7 +6,8 @@
 // 16-byte-aligned tensors with in channels a multiple of 8, so other inputs are copied once into
 // that form (zero channels appended, e.g. 12 -> 16; an NCHW output copied back): far cheaper than
 // running such a conv on CUDA cores. A stem (fewer than 16 in channels, e.g. RGB) runs instead as
-// a 1x1 conv over its packed windows (pack_windows.cuh). Everything else, fp32 (IEEE, no TF32)
+// a 1x1 conv over its packed windows (pack_windows.cuh), and a 1x1 stride-1 conv with more than
+// 64 output channels as CUTLASS's persistent GEMM. Everything else, fp32 (IEEE, no TF32)
 // and fp64 included, runs the generic kernels of conv_generic.cuh.
 //
 // CNNKERNELS_CUDA_CONV (read on every call) picks the kernel for tests and benchmarks:
@@ -38,7 +39,7 @@ namespace cnnkernels {
 std::vector<std::string> cuda_kernel_names() {
   std::vector<std::string> names = {"add_relu", "relu_backward_bias_grad", "conv_implicit_gemm", "conv_direct"};
 #ifdef CNNKERNELS_WITH_CUTLASS
-  names.push_back("conv_cutlass_sm90_bf16");  // tiles 128x128 and 128x64
+  names.push_back("conv_cutlass_sm90_bf16");  // conv tiles 128x128 and 128x64; 1x1 as a GEMM
   names.push_back("conv_cutlass_sm90_fp16");
 #endif
   return names;
@@ -152,19 +153,32 @@ using cutlass_sm90::ConvProblem;
 using cutlass_sm90::Element;
 using cutlass_sm90::Sm90ConvBiasResidualRelu;
 
-// Calls f with the CUTLASS kernel for this dtype and output-channel count (as a value of its
-// type): the 64-wide tile for at most 64 output channels, else the 128-wide one.
+// Whether the CUTLASS problem runs as the persistent GEMM (conv_cutlass_sm90.cuh): 1x1, stride 1,
+// unpadded (packed stems included), and more than 64 output channels; narrower ones take the conv
+// kernel's 64-wide tile.
+bool runs_as_gemm(const ConvProblem& p) {
+  return p.R == 1 && p.S == 1 && p.stride_h == 1 && p.stride_w == 1 && p.pad_h == 0 && p.pad_w == 0 &&
+         p.K > cutlass_sm90::kNarrowTileN;
+}
+
+// Calls f with the CUTLASS kernel for this dtype and problem (as a value of its type): the
+// persistent GEMM for 1x1 convs, else the conv kernel with a 64-wide tile for at most 64 output
+// channels or a 128-wide one.
 template <typename F>
-auto with_cutlass_kernel(at::ScalarType dtype, int64_t out_channels, F&& f) {
+auto with_cutlass_kernel(at::ScalarType dtype, const ConvProblem& p, F&& f) {
   using cutlass_sm90::kNarrowTileN;
   using cutlass_sm90::kWideTileN;
-  const bool narrow = out_channels <= kNarrowTileN;
-  if (dtype == at::kBFloat16) {
-    return narrow ? f(Sm90ConvBiasResidualRelu<Element::kBF16, kNarrowTileN>{})
-                  : f(Sm90ConvBiasResidualRelu<Element::kBF16, kWideTileN>{});
+  using cutlass_sm90::Sm90GemmBiasResidualRelu;
+  const bool bf16 = dtype == at::kBFloat16;
+  if (runs_as_gemm(p)) {
+    return bf16 ? f(Sm90GemmBiasResidualRelu<Element::kBF16>{}) : f(Sm90GemmBiasResidualRelu<Element::kFP16>{});
   }
-  return narrow ? f(Sm90ConvBiasResidualRelu<Element::kFP16, kNarrowTileN>{})
-                : f(Sm90ConvBiasResidualRelu<Element::kFP16, kWideTileN>{});
+  if (p.K <= kNarrowTileN) {
+    return bf16 ? f(Sm90ConvBiasResidualRelu<Element::kBF16, kNarrowTileN>{})
+                : f(Sm90ConvBiasResidualRelu<Element::kFP16, kNarrowTileN>{});
+  }
+  return bf16 ? f(Sm90ConvBiasResidualRelu<Element::kBF16, kWideTileN>{})
+              : f(Sm90ConvBiasResidualRelu<Element::kFP16, kWideTileN>{});
 }
 
 constexpr int64_t kChannelAlign = 8;  // 16 bytes of bf16/fp16: TMA's row alignment
@@ -198,7 +212,7 @@ ConvProblem geometry_of(const ConvShape& s) {
 }
 
 bool cutlass_can_implement(at::ScalarType dtype, const ConvProblem& p) {
-  return with_cutlass_kernel(dtype, p.K, [&](auto kernel) { return decltype(kernel)::can_implement(p); });
+  return with_cutlass_kernel(dtype, p, [&](auto kernel) { return decltype(kernel)::can_implement(p); });
 }
 
 // Why the CUTLASS kernel cannot take this conv; empty when it can.
@@ -293,7 +307,8 @@ void run_cutlass(const char* op, const ConvShape& s, const at::Tensor& input, co
   p.residual = res.defined() ? res.const_data_ptr() : nullptr;
   p.output = y.mutable_data_ptr();
 
-  const char* error = with_cutlass_kernel(input.scalar_type(), p.K, [&](auto kernel) {
+  p.sm_count = multiprocessor_count();
+  const char* error = with_cutlass_kernel(input.scalar_type(), p, [&](auto kernel) {
     using Kernel = decltype(kernel);
     const size_t ws_bytes = Kernel::workspace_size(p);
     at::Tensor workspace;

@@ -23,42 +23,16 @@
 // targets CUTLASS compiles a stub, and conv.cu's probe kernel keeps us from ever launching it.
 #pragma once
 
-// Before any include (so the instantiation files include this header first): CUTLASS's
-// device-side asserts are calls, and a call between wgmma instructions makes ptxas serialize
-// them (warning C7510), a large loss. conv.cu checks every precondition the host-side asserts
-// would (can_implement) before it runs the kernel.
-#ifndef NDEBUG
-#define NDEBUG
-#endif
+#include "conv_cutlass_sm90_epilogue.cuh"  // first: it defines NDEBUG before CUTLASS's headers
 
-#include "conv_cutlass_sm90.h"
-
-#include <cute/tensor.hpp>
-#include <cutlass/cutlass.h>
-#include <cutlass/kernel_hardware_info.hpp>
-#include <cutlass/numeric_types.h>
 #include <cutlass/conv/convolution.h>
 #include <cutlass/conv/convnd_problem_shape.hpp>
 #include <cutlass/conv/dispatch_policy.hpp>
 #include <cutlass/conv/collective/collective_builder.hpp>
 #include <cutlass/conv/device/conv_universal_adapter.hpp>
 #include <cutlass/conv/kernel/conv_universal.hpp>
-#include <cutlass/epilogue/collective/collective_builder.hpp>
-#include <cutlass/epilogue/fusion/operations.hpp>
-#include <cutlass/epilogue/thread/activation.h>
 
 namespace cnnkernels::cutlass_sm90 {
-
-template <Element E>
-struct ElementType;
-template <>
-struct ElementType<Element::kBF16> {
-  using type = cutlass::bfloat16_t;
-};
-template <>
-struct ElementType<Element::kFP16> {
-  using type = cutlass::half_t;
-};
 
 template <Element E, int TileN>
 struct ConvKernelConfig {
@@ -69,10 +43,7 @@ struct ConvKernelConfig {
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   static constexpr auto kConvOp = cutlass::conv::Operator::kFprop;
 
-  // cutlass::epilogue::thread::ReLu propagates NaN (maximum<T, PropagateNaN=true>), as torch.relu.
-  using FusionOp = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<
-      cutlass::epilogue::thread::ReLu, /*ElementOutput=*/T, /*ElementCompute=*/float,
-      /*ElementBias=*/T, /*ElementSource=*/T, /*ElementScalar=*/float>;
+  using FusionOp = FusedEpilogue<E>;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,

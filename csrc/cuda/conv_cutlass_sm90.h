@@ -20,6 +20,7 @@ struct ConvProblem {
   void* output = nullptr;
   int N = 0, H = 0, W = 0, C = 0, K = 0, R = 0, S = 0, P = 0, Q = 0;
   int pad_h = 0, pad_w = 0, stride_h = 1, stride_w = 1, dil_h = 1, dil_w = 1;
+  int sm_count = 0;  // for the persistent GEMM's grid; 0: CUTLASS asks the device
 };
 
 // Output-channel tile widths: 64 for convs with at most 64 output channels, else 128.
@@ -35,6 +36,17 @@ struct Sm90ConvBiasResidualRelu {
   static const char* run(const ConvProblem& p, void* workspace, cudaStream_t stream);
 };
 
+// A 1x1, stride-1, unpadded conv as a persistent GEMM (same interface; R = S = 1 in the problem).
+// Defined once per element type in conv_cutlass_sm90_<type>_gemm.cu.
+template <Element E>
+struct Sm90GemmBiasResidualRelu {
+  static bool can_implement(const ConvProblem& p);
+  static size_t workspace_size(const ConvProblem& p);
+  static const char* run(const ConvProblem& p, void* workspace, cudaStream_t stream);
+};
+
+extern template struct Sm90GemmBiasResidualRelu<Element::kBF16>;
+extern template struct Sm90GemmBiasResidualRelu<Element::kFP16>;
 extern template struct Sm90ConvBiasResidualRelu<Element::kBF16, kWideTileN>;
 extern template struct Sm90ConvBiasResidualRelu<Element::kBF16, kNarrowTileN>;
 extern template struct Sm90ConvBiasResidualRelu<Element::kFP16, kWideTileN>;

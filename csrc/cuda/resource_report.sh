@@ -89,8 +89,10 @@ fi
                print name "\t" line }' | sort | while IFS=$'\t' read -r mangled usage; do
       pretty="$(echo "$mangled" | c++filt | sed -E 's/\(anonymous namespace\):://g; s/cnnkernels::(cuda::)?//g' | cut -c1-160)"
       if [[ "$pretty" == _ZN7cutlass13device_kernel* ]]; then  # too deep for c++filt: name its parts
-        pretty="cutlass::device_kernel<conv::kernel::ConvUniversal<...>> $(echo "$mangled" |
-          grep -oE 'MainloopSm90[A-Za-z]+Gemm|MMA_[0-9x]+_[A-Z0-9]+_SS|SM90_TMA_LOAD_IM2COL|LinCombPerColBiasEltAct|thread4ReLu' |
+        kind="conv::kernel::ConvUniversal"
+        [[ "$mangled" == *4gemm6kernel13GemmUniversal* ]] && kind="gemm::kernel::GemmUniversal"
+        pretty="cutlass::device_kernel<$kind<...>> $(echo "$mangled" |
+          grep -oE 'MainloopSm90[A-Za-z]+Gemm|MMA_[0-9x]+_[A-Z0-9]+_SS|SM90_TMA_LOAD_IM2COL|LinCombPerColBiasEltAct|thread4ReLu|KernelTmaWarpSpecialized(Pingpong|Cooperative)?' |
           sed 's/^thread4//' | sort -u | tr '\n' ' ')"
       fi
       sass="$( { "$cuobjdump" -sass -fun "$mangled" "$obj" 2>/dev/null |
