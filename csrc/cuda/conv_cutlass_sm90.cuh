@@ -17,7 +17,8 @@
 // its own file; the residual is a runtime choice (beta), not another instantiation. The 64-wide
 // tile is for convs with at most 64 output channels: on the first H200 run those ran at 20-26%
 // of the roofline with the 128-wide tile, half of whose MMAs then multiply zeros. CUTLASS 4.2's conv
-// kernels support only the non-persistent KernelImplicitTmaWarpSpecializedSm90 schedule.
+// kernels support only the non-persistent KernelImplicitTmaWarpSpecializedSm90 schedule, so 1x1
+// stride-1 convs with wider outputs run a persistent GEMM instead (conv_cutlass_sm90_gemm.cuh).
 //
 // The device code exists only when compiled for sm_90a (wgmma is arch-conditional); for other
 // targets CUTLASS compiles a stub, and conv.cu's probe kernel keeps us from ever launching it.
