@@ -114,8 +114,9 @@ def extension():
         archs = "9.0a;9.0+PTX"
     defines += [("CNNKERNELS_WITH_CUDA", None), ("CNNKERNELS_CUDA_VERSION", c_string(torch.version.cuda)),
                 ("CNNKERNELS_CUDA_ARCHS", c_string(archs))]
+    # Only the .cu files include torch's CUDA headers. The C++ files do not get these folders: a
+    # machine's nvidia packages can hold anything, and a header there must not shadow a C++ one.
     for d in cuda_library_headers():  # searched after torch's and CUDA_HOME's own include dirs
-        cxx += ["-isystem", d]
         nvcc += ["-isystem", d]
     include_dirs = cutlass_headers()
     if include_dirs:

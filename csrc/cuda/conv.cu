@@ -188,7 +188,9 @@ int64_t padded_channels(int64_t c) { return (c + kChannelAlign - 1) / kChannelAl
 // A stem (fewer than 16 input channels, a kernel larger than 1x1) runs as a 1x1 conv over its
 // packed windows (pack_windows.cuh): C * R * S reduction columns rounded up to 8, instead of a
 // 64-wide channel tile per tap for C padded to 8 (an RGB 7x7 stem: 152 columns against 49 x 64).
-bool packs_windows(const ConvShape& s) { return s.C < 16 && s.R * s.S > 1; }
+bool packs_windows(const ConvShape& s) {
+  return s.C < 16 && s.R * s.S > 1 && s.N * s.OH * s.OW <= std::numeric_limits<int32_t>::max();
+}
 
 // The conv as the CUTLASS kernel runs it: input channels padded with zeros to a multiple of 8,
 // or, for a stem, the 1x1 conv over its packed windows.
@@ -258,7 +260,7 @@ at::Tensor as_tma_operand(const at::Tensor& t, int64_t channels) {
 at::Tensor packed_windows(const ConvShape& s, const at::Tensor& input, int64_t kpad, cudaStream_t stream) {
   at::Tensor cols = at::empty({s.N, kpad, s.OH, s.OW}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
   PackWindowsParams p{};
-  p.M = s.N * s.OH * s.OW;
+  p.M = static_cast<int>(s.N * s.OH * s.OW);
   p.C = static_cast<int>(s.C); p.H = static_cast<int>(s.H); p.W = static_cast<int>(s.W);
   p.R = static_cast<int>(s.R); p.S = static_cast<int>(s.S);
   p.OH = static_cast<int>(s.OH); p.OW = static_cast<int>(s.OW);
@@ -268,12 +270,13 @@ at::Tensor packed_windows(const ConvShape& s, const at::Tensor& input, int64_t k
   p.Kred = static_cast<int>(s.C * s.R * s.S);
   p.Kpad = static_cast<int>(kpad);
   p.in = strides_of(input);
-  const int64_t total = p.M * kpad;
+  // Threads across a row's columns (a multiple of 32); enough blocks to fill every SM's 2048 threads.
+  const int threads = static_cast<int>(std::min<int64_t>((kpad + 31) / 32 * 32, kPackMaxThreads));
   const auto blocks = static_cast<unsigned>(
-      std::min<int64_t>((total + kPackThreads - 1) / kPackThreads, int64_t{multiprocessor_count()} * 16));
+      std::min<int64_t>(p.M, int64_t{multiprocessor_count()} * (2048 / threads)));
   AT_DISPATCH_REDUCED_FLOATING_TYPES(input.scalar_type(), "pack_windows", [&] {
-    pack_windows_kernel<scalar_t><<<blocks, kPackThreads, 0, stream>>>(p, input.const_data_ptr<scalar_t>(),
-                                                                       cols.mutable_data_ptr<scalar_t>());
+    pack_windows_kernel<scalar_t><<<blocks, threads, 0, stream>>>(p, input.const_data_ptr<scalar_t>(),
+                                                                  cols.mutable_data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return cols;

@@ -13,40 +13,40 @@
 namespace cnnkernels::cuda {
 
 struct PackWindowsParams {
-  int64_t M;  // N * OH * OW rows
+  int M;  // N * OH * OW rows, below 2^31 (conv.cu checks)
   int C, H, W, R, S, OH, OW;
   int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   int Kred, Kpad;  // C * R * S taps, (r, s, c) with c fastest; the row length, Kred rounded up
   Strides4 in;
 };
 
-constexpr int kPackThreads = 256;
+constexpr int kPackMaxThreads = 256;
 
-// One element per thread and step of a grid-stride loop; consecutive threads write consecutive
-// columns of a row, so the stores coalesce.
+// A block's threads span a row's columns (consecutive threads write consecutive columns, so the
+// stores coalesce) and the block walks rows in a grid-stride loop. A thread's column, and so its
+// tap and channel, is the same for every row: only the row's (n, oh, ow) is worked out per row,
+// in 32-bit arithmetic. (One element per thread with int64 index math ran the RGB 7x7 stem of
+// ResNet-50 at batch 64 in about 1.07 ms with the GEMM on the first H200 try, 2x cuDNN's conv.)
 template <typename T>
-__global__ void __launch_bounds__(kPackThreads)
+__global__ void __launch_bounds__(kPackMaxThreads)
 pack_windows_kernel(const PackWindowsParams p, const T* __restrict__ input, T* __restrict__ cols) {
-  const int64_t total = p.M * p.Kpad;
-  const int64_t plane = static_cast<int64_t>(p.OH) * p.OW;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / p.Kpad;
-    const int col = static_cast<int>(i - row * p.Kpad);
-    T v = T(0);
-    if (col < p.Kred) {
-      const int rs = col / p.C, c = col - rs * p.C;
-      const int r = rs / p.S, s = rs - r * p.S;
-      const int64_t n = row / plane;
-      const int pixel = static_cast<int>(row - n * plane);
+  const int plane = p.OH * p.OW;
+  for (int col = threadIdx.x; col < p.Kpad; col += blockDim.x) {
+    const bool tap = col < p.Kred;
+    const int rs = col / p.C, c = col - rs * p.C;
+    const int r = rs / p.S, s = rs - r * p.S;
+    const int dh = r * p.dil_h - p.pad_h, dw = s * p.dil_w - p.pad_w;
+    const int64_t channel = static_cast<int64_t>(c) * p.in.c;
+    for (int row = blockIdx.x; row < p.M; row += gridDim.x) {
+      const int n = row / plane, pixel = row - n * plane;
       const int oh = pixel / p.OW, ow = pixel - oh * p.OW;
-      const int ih = oh * p.stride_h - p.pad_h + r * p.dil_h;
-      const int iw = ow * p.stride_w - p.pad_w + s * p.dil_w;
-      if (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) {
-        v = input[n * p.in.n + c * p.in.c + ih * p.in.h + iw * p.in.w];
+      const int ih = oh * p.stride_h + dh, iw = ow * p.stride_w + dw;
+      T v = T(0);
+      if (tap && ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) {
+        v = input[n * p.in.n + channel + ih * p.in.h + iw * p.in.w];
       }
+      cols[static_cast<int64_t>(row) * p.Kpad + col] = v;
     }
-    cols[i] = v;
   }
 }
 

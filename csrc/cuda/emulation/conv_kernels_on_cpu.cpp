@@ -77,7 +77,7 @@ bool run_case(const Case& c, std::mt19937& rng, bool direct) {
 }
 
 // pack_windows_kernel: every element of the (M x Kpad) rows, padding taps and columns zero.
-bool run_pack_case(const Case& c, std::mt19937& rng, unsigned blocks) {
+bool run_pack_case(const Case& c, std::mt19937& rng, unsigned blocks, unsigned threads) {
   int OH = (c.H + 2*c.ph - c.dh*(c.R-1) - 1)/c.sh + 1, OW = (c.W + 2*c.pw - c.dw*(c.S-1) - 1)/c.sw + 1;
   std::normal_distribution<float> nd;
   size_t in_sz; int64_t in_off;
@@ -85,12 +85,12 @@ bool run_pack_case(const Case& c, std::mt19937& rng, unsigned blocks) {
   std::vector<float> in(in_sz);
   for (auto& v : in) v = nd(rng);
   PackWindowsParams p{};
-  p.M = (int64_t)c.N*OH*OW; p.C=c.C; p.H=c.H; p.W=c.W; p.R=c.R; p.S=c.S; p.OH=OH; p.OW=OW;
+  p.M = c.N*OH*OW; p.C=c.C; p.H=c.H; p.W=c.W; p.R=c.R; p.S=c.S; p.OH=OH; p.OW=OW;
   p.stride_h=c.sh; p.stride_w=c.sw; p.pad_h=c.ph; p.pad_w=c.pw; p.dil_h=c.dh; p.dil_w=c.dw;
   p.Kred = c.C*c.R*c.S; p.Kpad = (p.Kred + 7) / 8 * 8; p.in = si;
   std::vector<float> cols((size_t)p.M * p.Kpad, NAN);
   const float* ip = in.data() + in_off;
-  launch_on_cpu({blocks,1,1}, kPackThreads, [&]{ pack_windows_kernel<float>(p, ip, cols.data()); });
+  launch_on_cpu({blocks,1,1}, threads, [&]{ pack_windows_kernel<float>(p, ip, cols.data()); });
   int64_t bad = 0;
   for (int n = 0; n < c.N; ++n) for (int oh = 0; oh < OH; ++oh) for (int ow = 0; ow < OW; ++ow)
     for (int col = 0; col < p.Kpad; ++col) {
@@ -102,8 +102,9 @@ bool run_pack_case(const Case& c, std::mt19937& rng, unsigned blocks) {
       }
       bad += !(cols[(((int64_t)n*OH + oh)*OW + ow)*p.Kpad + col] == want);
     }
-  printf("%s pack N%d C%d %dx%d %dx%d s%d,%d p%d,%d d%d,%d in%d blocks%u Kpad%d: %lld wrong\n", bad ? "FAIL" : "ok  ",
-         c.N,c.C,c.H,c.W,c.R,c.S,c.sh,c.sw,c.ph,c.pw,c.dh,c.dw,c.in_fmt,blocks,p.Kpad,(long long)bad);
+  printf("%s pack N%d C%d %dx%d %dx%d s%d,%d p%d,%d d%d,%d in%d blocks%u threads%u Kpad%d: %lld wrong\n",
+         bad ? "FAIL" : "ok  ", c.N,c.C,c.H,c.W,c.R,c.S,c.sh,c.sw,c.ph,c.pw,c.dh,c.dw,c.in_fmt,blocks,threads,p.Kpad,
+         (long long)bad);
   return bad == 0;
 }
 
@@ -117,7 +118,9 @@ int main() {
     {2, 12, 7, 8, 8, 3,3, 1,1, 1,1, 1,1, 1, 2, 0, 1, -1, true, 0},    // sliced input, Kred 108
     {1, 8, 12, 11, 8, 3,5, 1,2, 0,2, 2,1, 1, 1, 0, 1, -1, true, 0},   // non-square, stride, dilation
   };
-  for (auto& c : stems) for (unsigned blocks : {1u, 3u, 64u}) ok &= run_pack_case(c, rng, blocks);
+  // threads below, at and above a row's length (columns looped), blocks below and above the rows
+  for (auto& c : stems) for (unsigned blocks : {1u, 3u, 64u}) for (unsigned threads : {32u, 160u})
+    ok &= run_pack_case(c, rng, blocks, threads);
   std::vector<Case> cases = {
     //N C  H  W  K  R S sh sw ph pw dh dw G  in w out res bias ycap
     {2, 5, 6, 7, 3, 1,1, 1,1, 0,0, 1,1, 1, 0, 0, 0, -1, true, 65535},
