@@ -153,7 +153,7 @@ using cutlass_sm90::ConvProblem;
 using cutlass_sm90::Element;
 using cutlass_sm90::Sm90ConvBiasResidualRelu;
 
-// Whether the CUTLASS problem runs as the persistent GEMM (conv_cutlass_sm90.cuh): 1x1, stride 1,
+// Whether the CUTLASS problem runs as the persistent GEMM (conv_cutlass_sm90_gemm.cuh): 1x1, stride 1,
 // unpadded (packed stems included), and more than 64 output channels; narrower ones take the conv
 // kernel's 64-wide tile.
 bool runs_as_gemm(const ConvProblem& p) {

@@ -89,14 +89,8 @@ static typename ConvKernelConfig<E, TileN>::Conv::Arguments make_arguments(const
   typename Config::Conv::Arguments args{
       shape,
       {static_cast<const T*>(p.input), static_cast<const T*>(p.weight)},
-      {{},
-       // Without a residual, C points at the output: a valid address that is never read (beta == 0).
-       static_cast<const T*>(p.residual != nullptr ? p.residual : p.output), stride_c,
-       static_cast<T*>(p.output), stride_d}};
-  auto& fusion = args.epilogue.thread;
-  fusion.alpha = 1.0f;
-  fusion.beta = p.residual != nullptr ? 1.0f : 0.0f;
-  fusion.bias_ptr = static_cast<const T*>(p.bias);  // nullptr reads as zeros
+      {{}, epilogue_source<E>(p), stride_c, static_cast<T*>(p.output), stride_d}};
+  set_fused_epilogue<E>(args.epilogue.thread, p);
   return args;
 }
 
@@ -108,9 +102,7 @@ bool Sm90ConvBiasResidualRelu<E, TileN>::can_implement(const ConvProblem& p) {
   // CUTLASS's own can_implement checks channel alignment, padding, corners and filter offsets.
   if (p.C % kAlign != 0 || p.K % kAlign != 0) return false;
   if (p.stride_h > 8 || p.stride_w > 8) return false;
-  for (const void* ptr : {p.input, p.weight, p.bias, p.residual, static_cast<const void*>(p.output)}) {
-    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
-  }
+  if (!operands_aligned(p)) return false;
   auto args = make_arguments<E, TileN>(p);
   // The problem shape derives P and Q itself; they must be the ones the caller allocated.
   if (args.problem_shape.shape_C[1] != p.P || args.problem_shape.shape_C[2] != p.Q) return false;

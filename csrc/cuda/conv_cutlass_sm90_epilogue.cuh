@@ -41,4 +41,27 @@ using FusedEpilogue = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<
     /*ElementBias=*/typename ElementType<E>::type, /*ElementSource=*/typename ElementType<E>::type,
     /*ElementScalar=*/float>;
 
+// Every pointer of the problem 16-byte aligned (TMA's requirement; nullptr counts as aligned).
+inline bool operands_aligned(const ConvProblem& p) {
+  for (const void* ptr : {p.input, p.weight, p.bias, p.residual, static_cast<const void*>(p.output)}) {
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// The source C the epilogue reads: the residual, or without one the output, a valid address that
+// is never read (beta == 0).
+template <Element E>
+const typename ElementType<E>::type* epilogue_source(const ConvProblem& p) {
+  return static_cast<const typename ElementType<E>::type*>(p.residual != nullptr ? p.residual : p.output);
+}
+
+// FusedEpilogue's arguments: alpha 1, beta 1 with a residual (else 0), the bias (nullptr reads as zeros).
+template <Element E, typename FusionArguments>
+void set_fused_epilogue(FusionArguments& fusion, const ConvProblem& p) {
+  fusion.alpha = 1.0f;
+  fusion.beta = p.residual != nullptr ? 1.0f : 0.0f;
+  fusion.bias_ptr = static_cast<const typename ElementType<E>::type*>(p.bias);
+}
+
 }  // namespace cnnkernels::cutlass_sm90

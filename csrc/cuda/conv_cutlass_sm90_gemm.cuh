@@ -65,15 +65,9 @@ static typename GemmKernelConfig<E>::Gemm::Arguments make_gemm_arguments(const C
       cutlass::gemm::GemmUniversalMode::kGemm,
       {M, p.K, p.C, 1},
       {static_cast<const T*>(p.input), stride_a, static_cast<const T*>(p.weight), stride_b},
-      {{},
-       // Without a residual, C points at the output: a valid address that is never read (beta == 0).
-       static_cast<const T*>(p.residual != nullptr ? p.residual : p.output), stride_c,
-       static_cast<T*>(p.output), stride_d},
+      {{}, epilogue_source<E>(p), stride_c, static_cast<T*>(p.output), stride_d},
       hw_info};
-  auto& fusion = args.epilogue.thread;
-  fusion.alpha = 1.0f;
-  fusion.beta = p.residual != nullptr ? 1.0f : 0.0f;
-  fusion.bias_ptr = static_cast<const T*>(p.bias);
+  set_fused_epilogue<E>(args.epilogue.thread, p);
   return args;
 }
 
@@ -82,9 +76,7 @@ bool Sm90GemmBiasResidualRelu<E>::can_implement(const ConvProblem& p) {
   constexpr int kAlign = GemmKernelConfig<E>::kAlignment;
   if (p.R != 1 || p.S != 1 || p.stride_h != 1 || p.stride_w != 1 || p.pad_h != 0 || p.pad_w != 0) return false;
   if (p.C % kAlign != 0 || p.K % kAlign != 0) return false;
-  for (const void* ptr : {p.input, p.weight, p.bias, p.residual, static_cast<const void*>(p.output)}) {
-    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
-  }
+  if (!operands_aligned(p)) return false;
   return GemmKernelConfig<E>::Gemm::can_implement(make_gemm_arguments<E>(p)) == cutlass::Status::kSuccess;
 }
 
