@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check, in one call on an H100 or H200 with the machine's own torch:
 #   builds the extension for Hopper, checks that the C++ ops raise on bad arguments, runs the
-#   tests that use the GPU, the benchmark suite's default GPU subset, its training step (--train)
-#   and a profile of that step, compute-sanitizer over the CUDA kernels, then the rest of the test
-#   suite with the time left, and writes everything under $OUT (default ./gpu-out). The steps end by
-#   585 s, under one device command's 10 minutes (the first H200 run: 72 s build, 10 min in all).
+#   tests that use the GPU, the benchmark suite's default GPU subset, its training step (--train),
+#   a profile of that step and the ops' host cost per call, compute-sanitizer over the CUDA
+#   kernels, then the rest of the test suite with the time left, and writes everything under $OUT
+#   (default ./gpu-out). The steps end by 585 s, under one device command's 10 minutes (the first
+#   H200 run: 72 s build, 10 min in all).
 # Usage: bash benchmarks/gpu_check.sh [--full]
 # Each step has its own time cap, so one slow step cannot eat the lease; the summary at the
 # end says which steps passed, and the exit status is 1 if any failed.
@@ -80,6 +81,8 @@ step tests_gpu "$(left 190 330)" env OMP_NUM_THREADS=2 CNNKERNELS_REQUIRE_CUDA=1
   $XDIST -m "gpu or on_device" -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml"
 [ "$LAST_RC" -eq 124 ] && [ -f "$OUT/gpu-tests.xml" ] && mv "$OUT/gpu-tests.xml" "$OUT/gpu-tests-partial.xml"
 grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed)" "$LOG" | tail -n 1
+# Timings of host-bound work (the training step) suffer if test workers outlive their cap: log the load.
+{ echo "=== load before the benchmarks"; uptime; ps -eo pcpu,pid,etimes,args --sort=-pcpu | head -n 8; } >> "$LOG" 2>&1
 
 # The bench stops starting measurements after --budget-s; what is left is recorded as skipped.
 BENCH_ARGS=(--out "$OUT/work/bench" --gpu-tests-report "$OUT/gpu-tests.xml" --budget-s 120) BENCH_CAP=165
@@ -96,6 +99,8 @@ step train "$(left 45 85)" python3 -m cnnkernels.bench --train --models resnet50
 python3 -m cnnkernels.bench.readme "$OUT/work/bench" > "$OUT/work/bench/README-section.md" 2>> "$LOG"
 # Where the step's time goes (the first run: ours 4x slower than eager, with a wide spread).
 step profile "$(left 40 45)" python3 benchmarks/profile_train_step.py
+# Host cost per call of each op against PyTorch's (tiny tensors, back to back): is a step host-bound?
+step host "$(left 20 35)" python3 benchmarks/host_overhead.py
 
 # Without the caching allocator every tensor is its own allocation, so out-of-bounds
 # accesses are caught. The script also exits non-zero on a wrong result.

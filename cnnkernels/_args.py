@@ -170,6 +170,20 @@ def check_add_relu(input, other):
                            f"other of size {list(other.shape)}")
 
 
+_FORMATS = {}  # (layout, shape, strides) -> memory format: suggest_memory_format costs ~10 us a call
+
+
 def output_memory_format(input):
     """The memory format of an op's output: the input's, as F.conv2d keeps it."""
-    return torch._prims_common.suggest_memory_format(input)
+    if torch.compiler.is_compiling():  # dynamo would specialize on the sizes in the key
+        return torch._prims_common.suggest_memory_format(input)
+    try:
+        key = (input.layout, input.shape, input.stride())
+        fmt = _FORMATS.get(key)
+    except TypeError:  # symbolic sizes (torch.compile tracing) are not hashable
+        return torch._prims_common.suggest_memory_format(input)
+    if fmt is None:
+        if len(_FORMATS) >= 4096:  # many distinct shapes (dynamic sizes): start over rather than grow
+            _FORMATS.clear()
+        fmt = _FORMATS[key] = torch._prims_common.suggest_memory_format(input)
+    return fmt

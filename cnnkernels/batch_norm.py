@@ -48,13 +48,10 @@ def batch_norm_relu_train(x, bn, residual=None):
     if not runs_fused(x, bn, residual):
         y = bn(x)
         return torch.relu(y if residual is None else y + residual)
-    from .triton_ops.batch_norm import batch_norm_relu_train_triton
+    from .triton_ops import batch_norm as triton_batch_norm
 
-    out, mean, var = batch_norm_relu_train_triton(x, bn.weight, bn.bias, residual, bn.eps)
     factor = _momentum_factor(bn)
-    if bn.track_running_stats and bn.running_mean is not None:
-        count = x.numel() // x.shape[1]
-        with torch.no_grad():
-            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
-            bn.running_var.lerp_((var * (count / (count - 1))).to(bn.running_var.dtype), factor)
-    return out
+    tracks = bn.track_running_stats and bn.running_mean is not None
+    return triton_batch_norm.batch_norm_relu_train(x, bn.weight, bn.bias, residual, bn.eps,
+                                                   bn.running_mean if tracks else None,
+                                                   bn.running_var if tracks else None, factor)

@@ -97,13 +97,13 @@ def test_num_batches_tracked_and_cumulative_average_like_pytorch():
 
 
 def test_gradcheck_in_float64():
-    from cnnkernels.triton_ops.batch_norm import batch_norm_relu_train_triton
+    from cnnkernels.triton_ops.batch_norm import batch_norm_relu_train
 
     def t(*shape):
         return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     x, r, w, b = t(2, 3, 4, 5), t(2, 3, 4, 5), t(3), t(3)
-    assert torch.autograd.gradcheck(lambda *a: batch_norm_relu_train_triton(*a, 1e-5)[0], (x, w, b, r))
-    assert torch.autograd.gradcheck(lambda *a: batch_norm_relu_train_triton(*a, None, 1e-5)[0], (x, w, b))
+    assert torch.autograd.gradcheck(lambda *a: batch_norm_relu_train(*a, 1e-5), (x, w, b, r))
+    assert torch.autograd.gradcheck(lambda *a: batch_norm_relu_train(*a, None, 1e-5), (x, w, b))
 
 
 def test_unsupported_calls_run_as_pytorch_does():
@@ -139,3 +139,22 @@ def test_zoo_basic_block_trains_alike_on_triton_and_torch():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
     for name in ("bn1", "bn2"):
         torch.testing.assert_close(getattr(block, name).running_var, getattr(twin, name).running_var)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_batch_norm_ops(device):
+    """The schemas (the forward mutates the running statistics) and the fake kernels against the
+    real ones. The interpreter cannot run on functional tensors, so the CPU skips AOT dispatch."""
+    from cnnkernels.triton_ops import batch_norm as ops  # noqa: F401  registers the ops
+
+    def t(*shape):
+        return torch.randn(*shape, device=device).contiguous(
+            memory_format=torch.channels_last if len(shape) == 4 else torch.contiguous_format)
+    x, res, w, b = t(4, 8, 5, 5), t(4, 8, 5, 5), t(8), t(8)
+    running_mean, running_var = t(8), t(8).abs()
+    checks = {} if device == "cuda" else {"test_utils": ("test_schema", "test_autograd_registration", "test_faketensor")}
+    forward, backward = torch.ops.cnnkernels.batch_norm_relu_train_triton, torch.ops.cnnkernels.batch_norm_relu_backward_triton
+    torch.library.opcheck(forward.default, (x, w, b, res, 1e-5, running_mean, running_var, 0.1), **checks)
+    torch.library.opcheck(forward.default, (x, w, b, None, 1e-5), **checks)
+    out, mean, var = forward(x, w, b, res, 1e-5)
+    torch.library.opcheck(backward.default, (t(4, 8, 5, 5), x, out, mean, var, w, 1e-5, True), **checks)

@@ -188,6 +188,26 @@ def test_kernel_layout_weights_are_not_copied(monkeypatch):
     assert len(copies) == 1
 
 
+def test_launch_plans_are_reused_and_hold_no_tensors():
+    """A call's launch plan is worked out once per signature (sizes, strides, dtypes, devices,
+    geometry) and reused with other tensors of that signature; it must not keep any alive."""
+    import gc
+    import weakref
+    args = ([2, 1], [1, 1], [1, 1], 1)
+    plans = len(conv._PLANS)
+    alive = []
+    for _ in range(2):
+        x = make_input((2, 8, 9, 7), torch.float32, "nchw")  # an input copied to channels_last
+        w = torch.randn(12, 8, 3, 3, device=DEVICE)  # a weight packed for the kernel
+        out = triton_ops.conv2d_relu_triton(x, w, None, *args)
+        assert_tolerance_rule(out, x, w, None, *args)
+        alive += [weakref.ref(x), weakref.ref(w), weakref.ref(out)]
+        del x, w, out
+    assert len(conv._PLANS) == plans + 1
+    gc.collect()
+    assert all(ref() is None for ref in alive)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "mixed", "sliced", "1d-odd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_add_relu(layout, dtype):

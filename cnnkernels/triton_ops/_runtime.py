@@ -68,6 +68,17 @@ def hint(v) -> int:
     return int(v)
 
 
+def cdiv(a, b):
+    """ceil(a / b) for host-side grid sizes: triton.cdiv is a ConstexprFunction in newer Tritons,
+    whose call from Python costs microseconds."""
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 at least n (1 for n <= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def device_reasons(kernel, tensors, names) -> list:
     """Why the Triton path cannot take tensors on these devices / of these dtypes (empty if it can)."""
     reasons = []

@@ -62,7 +62,7 @@ def add_relu_triton(input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     if numel == 0 or not _runtime.should_launch(_add_relu_kernel, a, b):
         return out
     with _runtime.device_guard(a):
-        _runtime.launcher(_add_relu_kernel)[(triton.cdiv(numel, _BLOCK),)](
+        _runtime.launcher(_add_relu_kernel)[(_runtime.cdiv(numel, _BLOCK),)](
             a, b, out, numel, BLOCK=_BLOCK, F64=a.dtype == torch.float64,
             INTERPRETED=_runtime.is_interpreted(_add_relu_kernel), num_warps=_NUM_WARPS
         )

@@ -15,7 +15,8 @@ Layouts the kernel wants:
 Depthwise convs (one input channel per group) use a separate elementwise kernel.
 """
 
-from typing import List, Optional
+import functools
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 import triton
@@ -420,29 +421,68 @@ def _depthwise_candidates(rows, k, interpreted):
     return clamped
 
 
+class _Plan(NamedTuple):
+    """Everything about a call that follows from its tensors' sizes, strides, dtypes and devices
+    and its geometry: worked out (and tuned) once per such signature, reused by every call."""
+    out_shape: tuple
+    out_format: torch.memory_format
+    copy_input: bool  # NCHW (or other) input: one channels_last copy per call
+    pack_weight: bool
+    launch: Optional[Callable]  # launch(x, weight, bias, residual, out); None: nothing to launch
+
+
+_PLANS: dict = {}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plan_key(input, weight, residual, bias, stride, padding, dilation, groups):
+    """The call's signature for _PLANS, or None where no plan may be kept: traced or fake tensors
+    (torch.compile), meta tensors."""
+    tensors = (input, weight, residual, bias)
+    if any(t is not None and type(t) not in _PLAIN for t in tensors) or input.device.type == "meta":
+        return None
+    tf32 = input.dtype == torch.float32 and _runtime.cudnn_conv_allows_tf32()
+    return (tuple(stride), tuple(padding), tuple(dilation), groups, tf32) + tuple(
+        None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+
+
 def _conv2d_fused(input, weight, residual, bias, stride, padding, dilation, groups):
+    key = _plan_key(input, weight, residual, bias, stride, padding, dilation, groups)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
+        if key is not None:
+            if len(_PLANS) >= 4096:  # many distinct shapes (dynamic sizes): start over rather than grow
+                _PLANS.clear()
+            _PLANS[key] = plan
+    out = torch.empty(plan.out_shape, dtype=input.dtype, device=input.device, memory_format=plan.out_format)
+    if plan.launch is not None and _runtime.should_launch(_conv_gemm_kernel, input, weight, bias, residual):
+        x = input.contiguous(memory_format=torch.channels_last) if plan.copy_input else input
+        with _runtime.device_guard(x):
+            plan.launch(x, _pack(weight) if plan.pack_weight else weight, bias, residual, out)
+    return out
+
+
+def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups) -> _Plan:
     stride, padding, dilation, out_shape = _check_args(
         input, weight, residual, bias, stride, padding, dilation, groups
     )
-    out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=output_memory_format(input))
-    if out.numel() == 0:
-        return out
-
-    # The kernels index channels with unit stride: NCHW (or other) input costs one copy here.
-    x = input if (input.size(1) == 1 or input.stride(1) == 1) else input.contiguous(memory_format=torch.channels_last)
+    out_format = output_memory_format(input)
+    # The kernels index channels with unit stride: NCHW (or other) input costs one copy per call.
+    copy_input = not (input.size(1) == 1 or input.stride(1) == 1)
+    depthwise = weight.size(1) == 1 and groups > 1  # its own kernel, which reads any weight strides
+    pack_weight = not depthwise and not _weight_fits_kernel(weight)
+    if any(v == 0 for v in out_shape):
+        return _Plan(out_shape, out_format, copy_input, pack_weight, None)
+    out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=out_format)
+    x = input.contiguous(memory_format=torch.channels_last) if copy_input else input
     n_img, c_in, h, w_ = x.shape
     k_out, cg, r, s = weight.shape
     kg = k_out // groups
     _, _, oh, ow = out_shape
     rows = n_img * oh * ow
     interpreted = _runtime.is_interpreted(_conv_gemm_kernel)
-    launch_for_real = _runtime.should_launch(_conv_gemm_kernel, x, weight, bias, residual)
-    fake = any(_runtime.is_fake(t) for t in (x, weight, bias, residual) if t is not None)
     padded = padding[0] > 0 or padding[1] > 0
-
-    # Unused pointer arguments get `x` (only ever read); HAS_BIAS / HAS_RES keep them untouched.
-    bias_arg = bias if bias is not None else x
-    res_arg = residual if residual is not None else x
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     common = dict(
         H=h, W=w_, OH=oh, OW=ow, M=rows, R=r, S=s,
@@ -461,60 +501,57 @@ def _conv2d_fused(input, weight, residual, bias, stride, padding, dilation, grou
         *map(hint, x.stride()), *map(hint, out.stride()),
     )
 
-    with _runtime.device_guard(x):
-        if cg == 1 and groups > 1:
-            def launch(config, dst):
-                grid = (triton.cdiv(rows, config.block_m), triton.cdiv(k_out, config.block_n))
-                _runtime.launcher(_conv_depthwise_kernel)[grid](
-                    x, weight, bias_arg, res_arg, dst,
-                    K=k_out, Kg=kg, swk=weight.stride(0), swr=weight.stride(2), sws=weight.stride(3),
-                    ACC_F64=input.dtype == torch.float64,
-                    BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                    num_warps=config.num_warps, num_stages=config.num_stages, **common,
-                )
+    # Unused pointer arguments get `x` (only ever read); HAS_BIAS / HAS_RES keep them untouched.
+    if depthwise:
+        def launch_with(config):
+            grid = (_runtime.cdiv(rows, config.block_m), _runtime.cdiv(k_out, config.block_n))
+            kernel = _runtime.launcher(_conv_depthwise_kernel)[grid]
+            constants = dict(K=k_out, Kg=kg, swk=weight.stride(0), swr=weight.stride(2), sws=weight.stride(3),
+                             ACC_F64=input.dtype == torch.float64, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                             num_warps=config.num_warps, num_stages=config.num_stages, **common)
 
-            candidates = _depthwise_candidates(hint(rows), hint(k_out), interpreted)
-            tuner = _depthwise_tuner
-        else:
-            w_packed = kernel_layout_weight(weight)
-            flat_k = cg < 16
-            allow_tf32 = input.dtype == torch.float32 and not interpreted and _runtime.cudnn_conv_allows_tf32()
+            def launch(x, weight, bias, residual, dst):
+                kernel(x, weight, x if bias is None else bias, x if residual is None else residual, dst, **constants)
+            return launch
 
-            def launch(config, dst):
-                grid = (groups * triton.cdiv(rows, config.block_m) * triton.cdiv(kg, config.block_n),)
-                _runtime.launcher(_conv_gemm_kernel)[grid](
-                    x, w_packed, bias_arg, res_arg, dst,
-                    Cg=cg, Kg=kg, swk=w_packed.stride(0),
-                    FLAT_K=flat_k, EVEN_C=cg % config.block_k == 0,
-                    FMA_F64=input.dtype == torch.float64,
-                    ALLOW_TF32=allow_tf32,
-                    BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                    GROUP_M=config.group_m,
-                    num_warps=config.num_warps, num_stages=config.num_stages, **common,
-                )
+        candidates = _depthwise_candidates(hint(rows), hint(k_out), interpreted)
+        tuner = _depthwise_tuner
+    else:
+        w_stride_k = r * s * cg if pack_weight else weight.stride(0)
+        flat_k = cg < 16
+        allow_tf32 = input.dtype == torch.float32 and not interpreted and _runtime.cudnn_conv_allows_tf32()
 
-            reduction = r * s * cg if flat_k else cg
-            candidates = _gemm_candidates(
-                input.dtype, input.device, hint(rows), hint(kg), hint(reduction), interpreted
-            )
-            tuner = _gemm_tuner
-            shape_key = shape_key + (allow_tf32,)
+        def launch_with(config):
+            grid = (groups * _runtime.cdiv(rows, config.block_m) * _runtime.cdiv(kg, config.block_n),)
+            kernel = _runtime.launcher(_conv_gemm_kernel)[grid]
+            constants = dict(Cg=cg, Kg=kg, swk=w_stride_k, FLAT_K=flat_k, EVEN_C=cg % config.block_k == 0,
+                             FMA_F64=input.dtype == torch.float64, ALLOW_TF32=allow_tf32,
+                             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                             GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
+                             **common)
 
-        if len(candidates) == 1:
-            config = candidates[0]
-        else:
-            scratch = None
+            def launch(x, weight, bias, residual, dst):
+                kernel(x, weight, x if bias is None else bias, x if residual is None else residual, dst, **constants)
+            return launch
 
-            def bench(cfg):
-                nonlocal scratch
-                if scratch is None:
-                    scratch = torch.empty_like(out)  # tuning never writes the real output
-                return _autotune.bench_ms(lambda: launch(cfg, scratch))
+        reduction = r * s * cg if flat_k else cg
+        candidates = _gemm_candidates(input.dtype, input.device, hint(rows), hint(kg), hint(reduction), interpreted)
+        tuner = _gemm_tuner
+        shape_key = shape_key + (allow_tf32,)
 
-            config = tuner.pick(input.device, shape_key, candidates, bench, can_run=not fake)
-        if launch_for_real:
-            launch(config, out)
-    return out
+    if len(candidates) == 1:
+        config = candidates[0]
+    else:
+        fake = any(_runtime.is_fake(t) for t in (x, weight, bias, residual) if t is not None)
+        kernel_weight = functools.cache(lambda: _pack(weight) if pack_weight else weight)
+
+        def bench(cfg):  # on a scratch output: tuning never writes the real one
+            launch = launch_with(cfg)
+            with _runtime.device_guard(x):
+                return _autotune.bench_ms(lambda: launch(x, kernel_weight(), bias, residual, out))
+
+        config = tuner.pick(input.device, shape_key, candidates, bench, can_run=not fake)
+    return _Plan(out_shape, out_format, copy_input, pack_weight, launch_with(config))
 
 
 @torch.library.triton_op("cnnkernels::conv2d_relu_triton", mutates_args=())

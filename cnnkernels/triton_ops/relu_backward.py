@@ -6,7 +6,7 @@ writes one partial sum per channel; the second kernel adds the partials in a fix
 split depends only on the tensor's shape, so the result is the same bits on every run
 (torch.use_deterministic_algorithms needs nothing more), with no atomics.
 """
-from typing import Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 import triton
@@ -21,7 +21,7 @@ _PARTIAL_ROWS = 1024  # at most about this many partial sums per channel after t
 
 @triton.jit
 def program_pixels_and_channels(chunks, s_per_prog, HW, stride_n, stride_c, BLOCK_C: tl.constexpr):
-    """This program's share of a grid_split launch: (its first pixel, one past its last, its
+    """This program's share of a ChannelWalk launch: (its first pixel, one past its last, its
     channels, their offset in its image). Axis 0 runs over (image, chunk of pixels) pairs, axis 1
     over blocks of BLOCK_C channels."""
     row = tl.program_id(0)
@@ -57,41 +57,83 @@ def _mask_and_partial_sums_kernel(
 
 
 @triton.jit
-def _sum_partials_kernel(partial_ptr, grad_bias_ptr, rows, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                         F64: tl.constexpr, INTERPRETED: tl.constexpr):
-    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+def sum_partial_rows(partial_ptr, rows, C, cs, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, F64: tl.constexpr):
+    """Per-channel totals of channels `cs` of a (rows x C) table of partial sums, in a fixed order."""
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float64 if F64 else tl.float32)
     for r0 in range(0, rows, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
         mask = (rs[:, None] < rows) & (cs[None, :] < C)
         acc += tl.load(partial_ptr + rs[:, None].to(tl.int64) * C + cs[None, :], mask=mask, other=0.0)
-    tl.store(grad_bias_ptr + cs, store_cast(tl.sum(acc, axis=0), grad_bias_ptr.dtype.element_ty, INTERPRETED),
-             mask=cs < C)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _sum_partials_kernel(partial_ptr, grad_bias_ptr, rows, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                         F64: tl.constexpr, INTERPRETED: tl.constexpr):
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    total = sum_partial_rows(partial_ptr, rows, C, cs, BLOCK_R, BLOCK_C, F64)
+    tl.store(grad_bias_ptr + cs, store_cast(total, grad_bias_ptr.dtype.element_ty, INTERPRETED), mask=cs < C)
 
 
 def _tiles(channels_last: bool, C: int):
     """(BLOCK_S, BLOCK_C): the contiguous axis gets the long side, 4096 elements a tile at most."""
     if channels_last:
-        block_c = min(triton.next_power_of_2(max(C, 1)), 128)
+        block_c = min(_runtime.next_power_of_2(max(C, 1)), 128)
         return max(4096 // block_c // 4, 1), block_c  # 1024 elements: registers for two tiles + acc
     return 256, 4
 
 
-def grid_split(N, C, HW, channels_last):
-    """How the per-channel reductions here and in batch_norm.py split (N, C, H*W): (BLOCK_S,
-    BLOCK_C, pixels per program, programs per image). A function of the shape only, so the sums'
-    order is fixed. At most _PARTIAL_ROWS partial sums per channel, and one per 64 pixels or
-    fewer, so that the fp32 partials stay a few percent of the tensor's bytes when images are small."""
+class ChannelWalk(NamedTuple):
+    """How the per-channel kernels here and in batch_norm.py walk a tensor of some shape and
+    memory format: tiles, and the split of (N, C, H*W) over programs. A function of the shape and
+    format only, so the order of the sums, and so their bits, are fixed."""
+    fmt: torch.memory_format  # the layout the kernels read and write (the tensor's own, as torch keeps it)
+    N: int
+    C: int
+    HW: int
+    strides: tuple  # (image, channel, pixel) strides of a dense tensor in `fmt`
+    block_s: int
+    block_c: int
+    s_per_prog: int  # pixels per program
+    chunks: int  # programs per image
+    grid: tuple  # (N * chunks, channel blocks): axis 0 is also the partial sums' row
+
+    @property
+    def partial_rows(self):
+        return self.grid[0]
+
+
+_WALKS: dict = {}
+
+
+def channel_walk(t: torch.Tensor) -> ChannelWalk:
+    """The ChannelWalk of 4-D tensors shaped and strided like t (cached per shape and strides)."""
+    try:
+        key = (t.shape, t.stride())
+        walk = _WALKS.get(key)
+    except TypeError:  # symbolic sizes (torch.compile tracing)
+        return _channel_walk(t)
+    if walk is None:
+        if len(_WALKS) >= 4096:
+            _WALKS.clear()
+        walk = _WALKS[key] = _channel_walk(t)
+    return walk
+
+
+def _channel_walk(t):
+    """At most _PARTIAL_ROWS partial sums per channel, and one per 64 pixels or fewer, so that
+    the fp32 partials stay a few percent of the tensor's bytes when images are small."""
+    fmt = output_memory_format(t)
+    channels_last = fmt == torch.channels_last
+    N, C, H, W = t.shape
+    HW = H * W
     block_s, block_c = _tiles(channels_last, C)
     partial_rows = max(1, min(_PARTIAL_ROWS, N * HW // 64))
-    s_per_prog = max(1, min(triton.cdiv(HW, block_s), triton.cdiv(N * HW, partial_rows * block_s))) * block_s
-    return block_s, block_c, s_per_prog, triton.cdiv(HW, s_per_prog)
-
-
-def dense_strides(N, C, HW, channels_last):
-    """(image, channel, pixel) strides of a dense NCHW or channels_last tensor, from its shape: a
-    size-1 dimension's own stride may be anything."""
-    return (HW * C, 1, C) if channels_last else (C * HW, HW, 1)
+    s_per_prog = max(1, min(_runtime.cdiv(HW, block_s), _runtime.cdiv(N * HW, partial_rows * block_s))) * block_s
+    chunks = _runtime.cdiv(HW, s_per_prog)
+    strides = (HW * C, 1, C) if channels_last else (C * HW, HW, 1)
+    return ChannelWalk(fmt, N, C, HW, strides, block_s, block_c, s_per_prog, chunks,
+                       (N * chunks, _runtime.cdiv(C, block_c)))
 
 
 @torch.library.triton_op("cnnkernels::relu_backward_bias_grad_triton", mutates_args=())
@@ -103,24 +145,20 @@ def relu_backward_bias_grad_triton(grad: torch.Tensor, output: torch.Tensor) -> 
     if grad.dtype != output.dtype or grad.device != output.device:
         raise RuntimeError("relu_backward_bias_grad (Triton): grad and output must have the same dtype and device, "
                            f"got {grad.dtype} on {grad.device} and {output.dtype} on {output.device}")
-    fmt = output_memory_format(output)
-    g = grad.contiguous(memory_format=fmt)
-    o = output.contiguous(memory_format=fmt)
-    grad_input = torch.empty_like(o, memory_format=fmt)
-    N, C, H, W = o.shape
-    HW = H * W
+    walk = channel_walk(output)
+    g = grad.contiguous(memory_format=walk.fmt)
+    o = output.contiguous(memory_format=walk.fmt)
+    grad_input = torch.empty_like(o, memory_format=walk.fmt)
     if not _runtime.should_launch(_mask_and_partial_sums_kernel, g, o) or grad_input.numel() == 0:
-        return grad_input, torch.zeros(C, dtype=o.dtype, device=o.device)
-    channels_last = fmt == torch.channels_last
-    block_s, block_c, s_per_prog, chunks = grid_split(N, C, HW, channels_last)
+        return grad_input, torch.zeros(walk.C, dtype=o.dtype, device=o.device)
     f64 = o.dtype == torch.float64
-    partial = torch.empty((N * chunks, C), dtype=torch.float64 if f64 else torch.float32, device=o.device)
-    grad_bias = torch.empty(C, dtype=o.dtype, device=o.device)
+    partial = torch.empty((walk.partial_rows, walk.C), dtype=torch.float64 if f64 else torch.float32, device=o.device)
+    grad_bias = torch.empty(walk.C, dtype=o.dtype, device=o.device)
     with _runtime.device_guard(o):
-        _runtime.launcher(_mask_and_partial_sums_kernel)[(N * chunks, triton.cdiv(C, block_c))](
-            g, o, grad_input, partial, C, HW, s_per_prog, chunks, *dense_strides(N, C, HW, channels_last),
-            BLOCK_S=block_s, BLOCK_C=block_c, F64=f64, num_warps=4)
-        _runtime.launcher(_sum_partials_kernel)[(triton.cdiv(C, 32),)](
-            partial, grad_bias, N * chunks, C, BLOCK_R=64, BLOCK_C=32, F64=f64,
+        _runtime.launcher(_mask_and_partial_sums_kernel)[walk.grid](
+            g, o, grad_input, partial, walk.C, walk.HW, walk.s_per_prog, walk.chunks, *walk.strides,
+            BLOCK_S=walk.block_s, BLOCK_C=walk.block_c, F64=f64, num_warps=4)
+        _runtime.launcher(_sum_partials_kernel)[(_runtime.cdiv(walk.C, 32),)](
+            partial, grad_bias, walk.partial_rows, walk.C, BLOCK_R=64, BLOCK_C=32, F64=f64,
             INTERPRETED=_runtime.is_interpreted(_sum_partials_kernel), num_warps=4)
     return grad_input, grad_bias
