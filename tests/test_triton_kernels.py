@@ -206,6 +206,29 @@ def test_launch_plans_are_reused_and_hold_no_tensors():
     assert len(conv._PLANS) == plans + 1
     gc.collect()
     assert all(ref() is None for ref in alive)
+    assert not any(holds_a_tensor(plan) for plan in conv._PLANS.values())  # no scratch buffer either
+
+
+def holds_a_tensor(obj):
+    """Whether a tensor is reachable from obj through containers, closures and instance attributes."""
+    import types
+    stack, seen = [obj], set()
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or isinstance(o, (type, types.ModuleType, types.BuiltinFunctionType)):
+            continue
+        seen.add(id(o))
+        if isinstance(o, torch.Tensor):
+            return True
+        if isinstance(o, types.FunctionType):
+            stack += [c.cell_contents for c in o.__closure__ or ()] + list(o.__dict__.values())
+        elif isinstance(o, (tuple, list, set, frozenset)):
+            stack += list(o)
+        elif isinstance(o, dict):
+            stack += list(o.values())
+        elif hasattr(o, "__dict__"):
+            stack += list(vars(o).values())
+    return False
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "mixed", "sliced", "1d-odd"])
