@@ -1,14 +1,14 @@
 // Conv + bias (+ residual) + ReLU on the CPU. 3x3 stride-1 fp32 convs with enough channels run
 // through Winograd with the epilogue fused (winograd.cpp). Others: the convolution with its
-// bias, then one fused residual+ReLU pass in place. The convolution is oneDNN's
-// (mkldnn::_convolution_pointwise, the primitive PyTorch's own CPU fusion uses) where PyTorch
-// ships it, else ATen's.
+// bias, then one fused residual+ReLU pass in place.
+// For channels_last input the convolution is oneDNN's (mkldnn::_convolution_pointwise, the
+// primitive PyTorch's own CPU fusion uses) with the weight handed over already reordered into
+// oneDNN's blocked layout (cached: weight_cache.h), which saves 1.1-2.3x on layers with large
+// weights and small images (measured at batch 4, fp32). Otherwise (NCHW input, tiny or changing
+// weights) it is at::convolution, as F.conv2d runs it: there the boxed oneDNN call only adds
+// cost (1x1 64->64 at 56x56, batch 1, NCHW: 345 vs 286 us).
 // oneDNN's fused ReLU post-op is not used because it turns NaN into 0 (measured here with
 // torch 2.14.1), where torch.relu keeps NaN.
-//
-// For channels_last input, the weight is handed to oneDNN already reordered into its blocked
-// layout (cached: weight_cache.h), which saves 1.1-2.3x on layers with large weights and small
-// images (measured at batch 4, fp32).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -58,16 +58,18 @@ bool cpu_runs_onednn_bf16() {
 #endif
 }
 
-// Whether oneDNN runs this conv. Not for a single small image with small kernels: there ATen's
-// own kernel is several times faster than setting up a oneDNN primitive (14 vs 43 us for
-// 1x4x8x8, 3x3), which is ATen's own rule for choosing oneDNN (use_mkldnn in Convolution.cpp).
-bool onednn_takes(const at::Tensor& x, const at::Tensor& w, int64_t groups) {
+// Whether the reordered-weight oneDNN path runs this conv: oneDNN is there and takes the dtype,
+// the weight is big enough for reordering it once to pay for the boxed call (below 1024 elements,
+// e.g. LeNet's first conv, at::convolution is ~10% faster), and the problem is not a single small
+// image with small kernels, where ATen's own kernel is several times faster than setting up a
+// oneDNN primitive (14 vs 43 us for 1x4x8x8, 3x3; ATen's own rule, use_mkldnn in Convolution.cpp).
+bool reordered_onednn_takes(const at::Tensor& x, const at::Tensor& w, int64_t groups) {
   static const bool have_op = at::hasMKLDNN() && find_op("mkldnn::_convolution_pointwise", "").has_value() &&
                               find_op("mkldnn::_reorder_convolution_weight", "").has_value();
   const bool dtype_ok = x.scalar_type() == at::kFloat ||
                         (x.scalar_type() == at::kBFloat16 && cpu_runs_onednn_bf16());
   const bool small = x.size(0) == 1 && groups == 1 && !(w.size(2) > 3 && w.size(3) > 3) && x.numel() <= 20480;
-  return have_op && dtype_ok && !small;
+  return have_op && dtype_ok && w.numel() >= 1024 && !small;
 }
 
 at::Tensor conv2d_bias_act_cpu(const char* op, const at::Tensor& input, const at::Tensor& weight,
@@ -81,26 +83,23 @@ at::Tensor conv2d_bias_act_cpu(const char* op, const at::Tensor& input, const at
     return out;
   }
   const at::Tensor x = input.contiguous(format);
-  // oneDNN computes in channels_last when either operand is: an NCHW input needs an NCHW
-  // weight for its output to come out NCHW. A channels_last input takes either weight as is.
-  const at::Tensor w = format == at::MemoryFormat::Contiguous ? weight.contiguous() : weight;
   const at::Tensor r = residual.defined() ? residual.contiguous(format) : residual;
 
-  at::Tensor out;
-  if (onednn_takes(x, w, groups)) {
-    // A reordered weight makes oneDNN compute in channels_last: only for channels_last input.
-    // A weight that changes between calls goes as it is: oneDNN reorders it inside the conv.
-    at::Tensor onednn_weight = w;
-    if (format == at::MemoryFormat::ChannelsLast) {
-      const PreparedWeight reordered = prepared_weight(
-          WeightForm::kOneDnnBlocked, w, x.sizes(), stride, padding, dilation, groups,
-          [&] { return reorder_for_onednn(w, x.sizes(), stride, padding, dilation, groups); });
-      if (!reordered.changing) onednn_weight = reordered.tensor;
-    }
-    out = conv_onednn(x, onednn_weight, bias, stride, padding, dilation, groups);
-  } else {
-    out = at::convolution(x, w, bias, stride, padding, dilation, /*transposed=*/false, {0, 0}, groups);
+  // The reordered weight makes oneDNN compute in channels_last: only for channels_last input. A
+  // weight that changes between calls (training) is not reordered: at::convolution takes it.
+  at::Tensor reordered;
+  if (format == at::MemoryFormat::ChannelsLast && reordered_onednn_takes(x, weight, groups)) {
+    const PreparedWeight prepared = prepared_weight(
+        WeightForm::kOneDnnBlocked, weight, x.sizes(), stride, padding, dilation, groups,
+        [&] { return reorder_for_onednn(weight, x.sizes(), stride, padding, dilation, groups); });
+    if (!prepared.changing) reordered = prepared.tensor;
   }
+  // ATen computes in channels_last when either operand is: NCHW input takes an NCHW weight, so
+  // that its output comes out NCHW without a copy back.
+  const at::Tensor w = format == at::MemoryFormat::Contiguous ? weight.contiguous() : weight;
+  at::Tensor out = reordered.defined()
+                       ? conv_onednn(x, reordered, bias, stride, padding, dilation, groups)
+                       : at::convolution(x, w, bias, stride, padding, dilation, /*transposed=*/false, {0, 0}, groups);
   out = out.contiguous(format);
   add_relu_dense(out, r, out);
   return out;
