@@ -66,6 +66,17 @@ def _fused_epilogue(
 
 
 @triton.jit
+def _input_windows(offs_m, OH, OW, stride_h, stride_w, pad_h, pad_w):
+    """For output pixels offs_m (n, oh, ow flattened): their image, and the top-left corner of their
+    input window, which may lie in the padding."""
+    n = offs_m // (OH * OW)
+    rem = offs_m - n * (OH * OW)
+    oh = rem // OW
+    ow = rem - oh * OW
+    return n, oh * stride_h - pad_h, ow * stride_w - pad_w
+
+
+@triton.jit
 def _mma(a, b, acc, FMA_F64: tl.constexpr, INTERPRETED: tl.constexpr, ALLOW_TF32: tl.constexpr):
     if FMA_F64:
         # float64 (gradcheck): a plain multiply-reduce, accumulated in float64.
@@ -123,12 +134,7 @@ def _conv_gemm_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < Kg
 
-    n = offs_m // (OH * OW)
-    rem = offs_m - n * (OH * OW)
-    oh = rem // OW
-    ow = rem - oh * OW
-    ih0 = oh * stride_h - pad_h
-    iw0 = ow * stride_w - pad_w
+    n, ih0, iw0 = _input_windows(offs_m, OH, OW, stride_h, stride_w, pad_h, pad_w)
     # int64: activations can exceed 2**31 elements.
     x_rows = x_ptr + (n.to(tl.int64) * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw + g * Cg)
     w_cols = w_ptr + (g * Kg + offs_n).to(tl.int64) * swk
@@ -206,12 +212,7 @@ def _conv_depthwise_kernel(
     offs_k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     k_ok = offs_k < K
-    n = offs_m // (OH * OW)
-    rem = offs_m - n * (OH * OW)
-    oh = rem // OW
-    ow = rem - oh * OW
-    ih0 = oh * stride_h - pad_h
-    iw0 = ow * stride_w - pad_w
+    n, ih0, iw0 = _input_windows(offs_m, OH, OW, stride_h, stride_w, pad_h, pad_w)
     x_rows = x_ptr + (n.to(tl.int64) * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw)
     cin = (offs_k // Kg).to(tl.int64)
     w_rows = w_ptr + offs_k.to(tl.int64) * swk
@@ -463,7 +464,17 @@ def _conv2d_fused(input, weight, residual, bias, stride, padding, dilation, grou
     return out
 
 
+def _launch_fn(kernel, constants):
+    """launch(x, weight, bias, residual, out) for a kernel already indexed with its grid. Unused
+    pointer arguments get x (only ever read): HAS_BIAS / HAS_RES keep them untouched."""
+    def launch(x, weight, bias, residual, out):
+        kernel(x, weight, x if bias is None else bias, x if residual is None else residual, out, **constants)
+    return launch
+
+
 def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups) -> _Plan:
+    """Checks the call's arguments (raising as PyTorch does), picks the tile config (tuning it
+    where allowed) and fixes the grid and every non-tensor kernel argument."""
     stride, padding, dilation, out_shape = _check_args(
         input, weight, residual, bias, stride, padding, dilation, groups
     )
@@ -501,7 +512,6 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
         *map(hint, x.stride()), *map(hint, out.stride()),
     )
 
-    # Unused pointer arguments get `x` (only ever read); HAS_BIAS / HAS_RES keep them untouched.
     if depthwise:
         def launch_with(config):
             grid = (_runtime.cdiv(rows, config.block_m), _runtime.cdiv(k_out, config.block_n))
@@ -509,10 +519,7 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
             constants = dict(K=k_out, Kg=kg, swk=weight.stride(0), swr=weight.stride(2), sws=weight.stride(3),
                              ACC_F64=input.dtype == torch.float64, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                              num_warps=config.num_warps, num_stages=config.num_stages, **common)
-
-            def launch(x, weight, bias, residual, dst):
-                kernel(x, weight, x if bias is None else bias, x if residual is None else residual, dst, **constants)
-            return launch
+            return _launch_fn(kernel, constants)
 
         candidates = _depthwise_candidates(hint(rows), hint(k_out), interpreted)
         tuner = _depthwise_tuner
@@ -529,10 +536,7 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
                              BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                              GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
                              **common)
-
-            def launch(x, weight, bias, residual, dst):
-                kernel(x, weight, x if bias is None else bias, x if residual is None else residual, dst, **constants)
-            return launch
+            return _launch_fn(kernel, constants)
 
         reduction = r * s * cg if flat_k else cg
         candidates = _gemm_candidates(input.dtype, input.device, hint(rows), hint(kg), hint(reduction), interpreted)
