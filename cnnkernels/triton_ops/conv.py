@@ -485,7 +485,7 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
     pack_weight = not depthwise and not _weight_fits_kernel(weight)
     if any(v == 0 for v in out_shape):
         return _Plan(out_shape, out_format, copy_input, pack_weight, None)
-    out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=out_format)
+    out_strides = torch.empty(out_shape, device="meta", memory_format=out_format).stride()
     x = input.contiguous(memory_format=torch.channels_last) if copy_input else input
     n_img, c_in, h, w_ = x.shape
     k_out, cg, r, s = weight.shape
@@ -500,7 +500,7 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
         sxn=x.stride(0), sxh=x.stride(2), sxw=x.stride(3),
         stride_b=bias.stride(0) if bias is not None else 0,
         srn=res_strides[0], srk=res_strides[1], srh=res_strides[2], srw=res_strides[3],
-        son=out.stride(0), sok=out.stride(1), soh=out.stride(2), sow=out.stride(3),
+        son=out_strides[0], sok=out_strides[1], soh=out_strides[2], sow=out_strides[3],
         stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1],
         dil_h=dilation[0], dil_w=dilation[1],
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, PADDED=padded, INTERPRETED=interpreted,
@@ -509,7 +509,7 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
     shape_key = (
         str(input.dtype).replace("torch.", ""), *map(hint, (n_img, c_in, h, w_, k_out, r, s)),
         *map(hint, (*stride, *padding, *dilation, groups)), bias is not None, residual is not None,
-        *map(hint, x.stride()), *map(hint, out.stride()),
+        *map(hint, x.stride()), *map(hint, out_strides),
     )
 
     if depthwise:
@@ -548,11 +548,13 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
     else:
         fake = any(_runtime.is_fake(t) for t in (x, weight, bias, residual) if t is not None)
         kernel_weight = functools.cache(lambda: _pack(weight) if pack_weight else weight)
+        scratch = functools.cache(lambda: torch.empty(out_shape, dtype=input.dtype, device=input.device,
+                                                      memory_format=out_format))
 
         def bench(cfg):  # on a scratch output: tuning never writes the real one
             launch = launch_with(cfg)
             with _runtime.device_guard(x):
-                return _autotune.bench_ms(lambda: launch(x, kernel_weight(), bias, residual, out))
+                return _autotune.bench_ms(lambda: launch(x, kernel_weight(), bias, residual, scratch()))
 
         config = tuner.pick(input.device, shape_key, candidates, bench, can_run=not fake)
     return _Plan(out_shape, out_format, copy_input, pack_weight, launch_with(config))
