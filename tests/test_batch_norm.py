@@ -158,3 +158,29 @@ def test_opcheck_batch_norm_ops(device):
     torch.library.opcheck(forward.default, (x, w, b, None, 1e-5), **checks)
     out, mean, var = forward(x, w, b, res, 1e-5)
     torch.library.opcheck(backward.default, (t(4, 8, 5, 5), x, out, mean, var, w, 1e-5, True), **checks)
+
+
+@pytest.mark.gpu  # the interpreter's kernels cannot run on traced tensors
+def test_torch_compile_fullgraph_matches_eager():
+    """The autograd.Function over the two ops (the forward mutates the running statistics) traces
+    with fullgraph=True: output, gradients and running statistics as in eager."""
+    from cnnkernels.triton_ops.batch_norm import batch_norm_relu_train
+
+    def unit(x, res, bn):
+        out = batch_norm_relu_train(x, bn.weight, bn.bias, res, bn.eps, bn.running_mean, bn.running_var, 0.1)
+        return out.square().sum()
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x, res = (torch.randn(4, 16, 8, 8, device="cuda", generator=gen).contiguous(memory_format=torch.channels_last)
+              for _ in range(2))
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        bn = make_bn(16, torch.float32, "cuda")
+        xg, rg = x.clone().requires_grad_(), res.clone().requires_grad_()
+        fn = torch.compile(unit, fullgraph=True) if compiled else unit
+        loss = fn(xg, rg, bn)
+        loss.backward()
+        results.append([loss, xg.grad, rg.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var])
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
