@@ -184,3 +184,29 @@ def test_torch_compile_fullgraph_matches_eager():
         results.append([loss, xg.grad, rg.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var])
     for eager, traced in zip(*results):
         torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamo_traces_the_fused_unit_without_graph_breaks():
+    """fullgraph=True through batch_norm.batch_norm_relu_train (backend choice, momentum factor,
+    the autograd.Function, the mutating op): same loss, gradients and running statistics as
+    eager. The "eager" compile backend runs the captured graph as is: under the interpreter the
+    kernels cannot run on AOT autograd's traced tensors (the GPU test compiles it fully)."""
+    gen = torch.Generator().manual_seed(0)
+    x, res = (torch.randn(4, 16, 8, 8, generator=gen).contiguous(memory_format=torch.channels_last) for _ in range(2))
+
+    def unit(x, res, bn):
+        return batch_norm.batch_norm_relu_train(x, bn, res).square().sum()
+
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        bn = make_bn(16, torch.float32, "cpu")
+        xg, rg = x.clone().requires_grad_(), res.clone().requires_grad_()
+        fn = torch.compile(unit, fullgraph=True, backend="eager") if compiled else unit
+        with cnnkernels.use_backend("triton"):
+            loss = fn(xg, rg, bn)
+        loss.backward()
+        results.append([loss, xg.grad, rg.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var,
+                        bn.num_batches_tracked])
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
