@@ -100,7 +100,7 @@ python3 -m cnnkernels.bench.readme "$OUT/work/bench" > "$OUT/work/bench/README-s
 # Where the step's time goes (the first run: ours 4x slower than eager, with a wide spread).
 step profile "$(left 40 45)" python3 benchmarks/profile_train_step.py
 # Host cost per call of each op against PyTorch's (tiny tensors, back to back): is a step host-bound?
-step host "$(left 20 35)" python3 benchmarks/host_overhead.py
+step host "$(left 30 35)" env CNNKERNELS_AUTOTUNE=0 python3 benchmarks/host_overhead.py
 
 # Without the caching allocator every tensor is its own allocation, so out-of-bounds
 # accesses are caught. The script also exits non-zero on a wrong result.
