@@ -81,8 +81,10 @@ step tests_gpu "$(left 190 330)" env OMP_NUM_THREADS=2 CNNKERNELS_REQUIRE_CUDA=1
   $XDIST -m "gpu or on_device" -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml"
 [ "$LAST_RC" -eq 124 ] && [ -f "$OUT/gpu-tests.xml" ] && mv "$OUT/gpu-tests.xml" "$OUT/gpu-tests-partial.xml"
 grep -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed)" "$LOG" | tail -n 1
-# Timings of host-bound work (the training step) suffer if test workers outlive their cap: log the load.
-{ echo "=== load before the benchmarks"; uptime; ps -eo pcpu,pid,etimes,args --sort=-pcpu | head -n 8; } >> "$LOG" 2>&1
+# Timings of host-bound work (the training step) suffer if test workers outlive their cap: stop
+# any that did, and log the load.
+{ echo "=== load before the benchmarks"; pgrep -af "pytest|torch.distributed.run" && pkill -f "pytest|torch.distributed.run"
+  sleep 1; uptime; ps -eo pcpu,pid,etimes,args --sort=-pcpu | head -n 8; } >> "$LOG" 2>&1
 
 # The bench stops starting measurements after --budget-s; what is left is recorded as skipped.
 BENCH_ARGS=(--out "$OUT/work/bench" --gpu-tests-report "$OUT/gpu-tests.xml" --budget-s 120) BENCH_CAP=165
