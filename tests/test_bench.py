@@ -200,6 +200,9 @@ def test_train_summary_speedup_memory_and_loss_flags():
     cells = dict(zip(headers, rows[1]))
     assert cells["ours/eager"] == "1.02x" and cells["compile ms"] == "skip" and cells["ours peak MiB"] == "5,100"
     assert cells["target (ours)"] == "1.05x missed (1.02x); memory missed"
+    # Every contender's first loss, flagged where its losses differ from eager's (compile's here).
+    assert dict(zip(headers, rows[0]))["first loss eager/ours/compile"] == "2/2/2 DIFFER"
+    assert cells["first loss eager/ours/compile"] == "2/2/-"
 
 
 def test_train_plan_defaults_and_overrides():

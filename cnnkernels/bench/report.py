@@ -316,15 +316,22 @@ def _train_target_text(entry):
     return f"{speed}; memory {memory}"
 
 
+def _first_loss(record, agrees):
+    """A contender's first-step loss, flagged where its losses differ from eager's."""
+    if record is None or record["status"] != "ok":
+        return "-"
+    return f"{record['loss_first_step']:.4g}" + ("" if agrees else " DIFFER")
+
+
 def train_rows(entries, records):
     """(headers, rows) of the training-step table: per contender step ms, images/s and peak MiB;
-    ours' (and compile's) speedup over eager; both losses of the first step; issue 7's target."""
+    each one's speedup over eager; every contender's first-step loss; issue 7's target."""
     contenders = list(dict.fromkeys(r["contender"] for r in records))
     others = [c for c in contenders if c != "eager"]
     headers = ["model@batch", "dtype"]
     for c in contenders:
         headers += [f"{c} ms", f"{c} img/s", f"{c} peak MiB"]
-    headers += [f"{c}/eager" for c in others] + ["loss eager/ours", "target (ours)"]
+    headers += [f"{c}/eager" for c in others] + ["first loss " + "/".join(contenders), "target (ours)"]
     by = {}
     for r in records:
         by.setdefault((r["name"], r["dtype"]), {})[r["contender"]] = r
@@ -338,12 +345,7 @@ def train_rows(entries, records):
             row += [_cell(r, lambda r: f"{r['ms_p50']:.4g}"), _cell(r, lambda r: images(r["images_per_second"])),
                     _cell(r, peak)]
         row += [speedup_text(rs.get(c), rs.get("eager")) for c in others]
-        eager, mine = rs.get("eager"), rs.get("ours")
-        if eager and mine and eager["status"] == mine["status"] == "ok":
-            flag = "" if e["loss_agrees"].get("ours") else " DIFFER"
-            row.append(f"{eager['loss_first_step']:.4g}/{mine['loss_first_step']:.4g}{flag}")
-        else:
-            row.append("")
+        row.append("/".join(_first_loss(rs.get(c), e["loss_agrees"].get(c, True)) for c in contenders))
         row.append(_train_target_text(e))
         rows.append(row)
     return headers, rows
