@@ -1,7 +1,8 @@
 """Triton implementations of the cnnkernels ops, registered as torch.library triton_ops:
 cnnkernels::conv2d_relu_triton, cnnkernels::conv2d_add_relu_triton, cnnkernels::add_relu_triton,
 the backward's cnnkernels::relu_backward_bias_grad_triton, and train-mode BatchNorm + ReLU
-(cnnkernels::batch_norm_relu_train_triton, with its own autograd, in batch_norm.py).
+(cnnkernels::batch_norm_relu_train_triton and _backward_triton, differentiable through
+batch_norm.batch_norm_relu_train, an autograd.Function, in batch_norm.py).
 
 Import with TRITON_INTERPRET=1 set (before triton is first imported) to run them on CPU tensors.
 """
