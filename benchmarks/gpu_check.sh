@@ -61,9 +61,9 @@ python3 -m cnnkernels.info 2>&1 | tee -a "$LOG"
 left() { local cap=$1 reserve=$2 l=$((585 - SECONDS - $2)); [ "$l" -lt "$cap" ] && echo $((l < 20 ? 20 : l)) || echo "$cap"; }
 
 # Bad arguments to the C++ ops must raise; on the first H200 run they crashed pytest workers.
-# On a crash, cuda-gdb (it debugs host-only programs too) prints the native backtrace.
-if ! step probe 30 python3 benchmarks/probe_cpp_errors.py; then
-  timeout 60 cuda-gdb -batch -ex run -ex bt -ex "info sharedlibrary" --args python3 benchmarks/probe_cpp_errors.py \
+# On a crash, cuda-gdb (it debugs host-only programs too) prints the native backtrace of the CPU calls.
+if ! step probe 40 python3 benchmarks/probe_cpp_errors.py; then
+  timeout 60 cuda-gdb -batch -ex run -ex bt -ex "info sharedlibrary" --args python3 benchmarks/probe_cpp_errors.py cpu \
     >> "$LOG" 2>&1
 fi
 
