@@ -3,7 +3,9 @@
 Every contender gets the same tensors: channels_last inputs, weights and residuals in the same
 dtype. The peers run what a user has without this package:
   cudnn / eager   F.conv2d (bias inside), then the residual added in place and an in-place ReLU,
-                  as torchvision's models run them
+                  as torchvision's models run them; add_relu alone as torch.relu(x + other), the
+                  baseline issue 2's target names (two passes and two outputs; torchvision's
+                  blocks add and ReLU in place instead)
   cudnn_fused     torch.cudnn_convolution_relu / torch.cudnn_convolution_add_relu
   onednn          torch.ops.mkldnn._convolution_pointwise (unary "relu", or binary "add" + "relu")
   compile         torch.compile of the eager function, default mode, static shapes
@@ -46,7 +48,7 @@ def eager_function(case):
     """The case as PyTorch's eager ops run it."""
     if case.op == "add_relu":
         def add_relu(x, other):
-            return torch.add(x, other).relu_()
+            return torch.relu(x + other)
         return add_relu
     geometry = (case.stride, case.padding, case.dilation, case.groups)
     if case.residual:
