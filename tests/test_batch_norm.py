@@ -120,6 +120,21 @@ def test_unsupported_calls_run_as_pytorch_does():
             batch_norm.batch_norm_relu_train(torch.randn(1, 3, 1, 1), bn)
 
 
+def test_op_rejects_bad_arguments():
+    from cnnkernels.triton_ops.batch_norm import batch_norm_relu_train_triton as op
+    x, c = torch.randn(2, 3, 4, 4), torch.ones(3)
+    with pytest.raises(RuntimeError, match="expected weight of size"):
+        op(x, torch.ones(4), c, None, 1e-5)
+    with pytest.raises(RuntimeError, match="expected residual of size"):
+        op(x, c, c, x[:1], 1e-5)
+    with pytest.raises(RuntimeError, match="running_mean and running_var must be given together"):
+        op(x, c, c, None, 1e-5, torch.zeros(3))
+    with pytest.raises(RuntimeError, match="but running_var is on meta"):
+        op(x, c, c, None, 1e-5, torch.zeros(3), torch.ones(3, device="meta"), 0.1)
+    with pytest.raises(RuntimeError, match="non-empty"):
+        op(torch.randn(2, 0, 4, 4), torch.ones(0), torch.ones(0), None, 1e-5)
+
+
 def test_zoo_basic_block_trains_alike_on_triton_and_torch():
     """A ResNet block in train mode: the fused BN path (triton) and PyTorch's give the same loss,
     gradients and running statistics."""

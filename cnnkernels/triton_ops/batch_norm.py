@@ -217,6 +217,11 @@ def _check(op, x, weight, bias, residual, running_mean, running_var):
         raise RuntimeError(f"{op} (Triton): running_mean and running_var must be given together")
     if residual is not None and residual.shape != x.shape:
         raise RuntimeError(f"{op} (Triton): expected residual of size {list(x.shape)}, got {list(residual.shape)}")
+    for name, t in named + (("residual", residual),):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{op} (Triton): expected all tensors on {x.device}, but {name} is on {t.device}")
+    if x.numel() == 0:
+        raise RuntimeError(f"{op} (Triton): expected a non-empty input, got input size {list(x.shape)}")
     if x.shape[0] * x.shape[2] * x.shape[3] < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
 
