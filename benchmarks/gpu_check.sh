@@ -3,9 +3,9 @@
 #   builds the extension for Hopper, checks that the C++ ops raise on bad arguments, runs the
 #   tests that use the GPU, the benchmark suite's default GPU subset, its training step (--train),
 #   a profile of that step and the ops' host cost per call, compute-sanitizer over the CUDA
-#   kernels, then the rest of the test suite with the time left, and writes everything under $OUT
-#   (default ./gpu-out). The steps end by 585 s, under one device command's 10 minutes (the first
-#   H200 run: 72 s build, 10 min in all).
+#   kernels, a tile-size sweep of the fused BN kernels, then the rest of the test suite with the
+#   time left, and writes everything under $OUT (default ./gpu-out). The steps end by 585 s, under
+#   one device command's 10 minutes (the first H200 run: 72 s build, 10 min in all).
 # Usage: bash benchmarks/gpu_check.sh [--full]
 # Each step has its own time cap, so one slow step cannot eat the lease; the summary at the
 # end says which steps passed, and the exit status is 1 if any failed.
@@ -108,6 +108,9 @@ step host "$(left 30 35)" env CNNKERNELS_AUTOTUNE=0 python3 benchmarks/host_over
 # accesses are caught. The script also exits non-zero on a wrong result.
 step memcheck "$(left 25 20)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   compute-sanitizer --tool memcheck --error-exitcode 1 python3 csrc/cuda/memcheck.py
+
+# Which tile size the fused BN's per-channel kernels should use (1024 elements now, unmeasured).
+step bn_tiles "$(left 45 15)" python3 benchmarks/bn_tiles.py
 
 # With the time left, the rest of the suite (CPU tensors, the image's torch; CI runs it on its
 # own): the API and backward tests first, which call the C++ ops directly.

@@ -52,6 +52,25 @@ def test_relu_backward_bias_grad_matches_reference(shape, dtype, memory_format, 
                                                                                  saved[1].nan_to_num())
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_triton_relu_backward_with_4096_element_tiles(memory_format, monkeypatch):
+    """The tile size benchmarks/bn_tiles.py may pick: several programs per image, two channel blocks."""
+    if not interpreting_triton():
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    from cnnkernels.triton_ops import relu_backward
+    monkeypatch.setattr(relu_backward, "TILE_ELEMENTS", 4096)
+    relu_backward._WALKS.clear()
+    try:
+        grad, output = grad_and_output((2, 130, 20, 20), torch.float32, "cpu", memory_format)
+        with poisoned_outputs():
+            grad_pre_relu, grad_bias = fused_op("triton")(grad, output)
+    finally:
+        relu_backward._WALKS.clear()
+    expected = torch.ops.aten.threshold_backward(grad, output, 0)
+    assert torch.equal(grad_pre_relu.nan_to_num(), expected.nan_to_num())
+    assert_matches_reference(grad_bias, expected.double().sum((0, 2, 3)), expected.sum((0, 2, 3)))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_relu_backward_bias_grad_takes_any_strides(backend, device):

@@ -57,8 +57,19 @@ def test_fused_batch_norm_relu_matches_float64(dtype, memory_format, residual, m
                           momentum, device)
 
 
+@pytest.fixture
+def tile_elements(request, monkeypatch):
+    """Runs the test with relu_backward.TILE_ELEMENTS set to the param (benchmarks/bn_tiles.py sweeps it)."""
+    from cnnkernels.triton_ops import relu_backward
+    monkeypatch.setattr(relu_backward, "TILE_ELEMENTS", request.param)
+    relu_backward._WALKS.clear()
+    yield request.param
+    relu_backward._WALKS.clear()
+
+
+@pytest.mark.parametrize("tile_elements", [1024, 4096], indirect=True)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_several_programs_per_image_and_channel_blocks(memory_format):
+def test_several_programs_per_image_and_channel_blocks(memory_format, tile_elements):
     """130 channels span two or more channel blocks, and 20x20 images two or more programs each."""
     check_against_float64((2, 130, 20, 20), torch.float32, memory_format, True, 0.1, "cpu")
 

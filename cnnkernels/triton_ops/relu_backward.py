@@ -17,6 +17,10 @@ from . import _runtime
 from ._runtime import store_cast
 
 _PARTIAL_ROWS = 1024  # at most about this many partial sums per channel after the first pass
+# Elements of a (BLOCK_S x BLOCK_C) tile: 1024 is one 16-byte load per thread (4 warps, 16-bit
+# dtypes) per loop step, likely too few in flight to saturate HBM; never measured against larger
+# tiles on a GPU. benchmarks/bn_tiles.py sweeps it (clear _WALKS after changing it).
+TILE_ELEMENTS = 1024
 
 
 @triton.jit
@@ -76,12 +80,11 @@ def _sum_partials_kernel(partial_ptr, grad_bias_ptr, rows, C, BLOCK_R: tl.conste
 
 
 def _tiles(channels_last: bool, C: int):
-    """(BLOCK_S, BLOCK_C): the contiguous axis gets the long side; 1024 elements a tile (registers
-    for two tiles and the accumulators). Not measured against other sizes on a GPU yet."""
+    """(BLOCK_S, BLOCK_C) with TILE_ELEMENTS elements: the contiguous axis gets the long side."""
     if channels_last:
         block_c = min(_runtime.next_power_of_2(max(C, 1)), 128)
-        return max(1024 // block_c, 1), block_c
-    return 256, 4
+        return max(TILE_ELEMENTS // block_c, 1), block_c
+    return TILE_ELEMENTS // 4, 4
 
 
 class ChannelWalk(NamedTuple):
