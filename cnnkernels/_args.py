@@ -170,20 +170,29 @@ def check_add_relu(input, other):
                            f"other of size {list(other.shape)}")
 
 
-_FORMATS = {}  # (layout, shape, strides) -> memory format: suggest_memory_format costs ~10 us a call
+MAX_CACHED = 4096  # entries per shape-keyed cache; many distinct shapes (dynamic sizes) start it over
+
+
+def shape_cached(cache: dict, t, make):
+    """make(t), remembered in `cache` per (layout, shape, strides) of t: for what follows from those
+    alone. Symbolic sizes (torch.compile tracing) are not hashable and skip the cache."""
+    try:
+        key = (t.layout, t.shape, t.stride())
+        value = cache.get(key)
+    except TypeError:
+        return make(t)
+    if value is None:
+        if len(cache) >= MAX_CACHED:
+            cache.clear()
+        value = cache[key] = make(t)
+    return value
+
+
+_FORMATS = {}  # suggest_memory_format costs ~10 us a call
 
 
 def output_memory_format(input):
     """The memory format of an op's output: the input's, as F.conv2d keeps it."""
-    if torch.compiler.is_compiling():  # dynamo would specialize on the sizes in the key
+    if torch.compiler.is_compiling():  # dynamo would specialize on the sizes in the cache's key
         return torch._prims_common.suggest_memory_format(input)
-    try:
-        key = (input.layout, input.shape, input.stride())
-        fmt = _FORMATS.get(key)
-    except TypeError:  # symbolic sizes (torch.compile tracing) are not hashable
-        return torch._prims_common.suggest_memory_format(input)
-    if fmt is None:
-        if len(_FORMATS) >= 4096:  # many distinct shapes (dynamic sizes): start over rather than grow
-            _FORMATS.clear()
-        fmt = _FORMATS[key] = torch._prims_common.suggest_memory_format(input)
-    return fmt
+    return shape_cached(_FORMATS, input, torch._prims_common.suggest_memory_format)

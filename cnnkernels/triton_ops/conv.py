@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._args import output_memory_format
+from .._args import MAX_CACHED, output_memory_format
 from . import _autotune, _runtime
 from ._runtime import store_cast
 
@@ -453,7 +453,7 @@ def _conv2d_fused(input, weight, residual, bias, stride, padding, dilation, grou
     if plan is None:
         plan = _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
         if key is not None:
-            if len(_PLANS) >= 4096:  # many distinct shapes (dynamic sizes): start over rather than grow
+            if len(_PLANS) >= MAX_CACHED:
                 _PLANS.clear()
             _PLANS[key] = plan
     out = torch.empty(plan.out_shape, dtype=input.dtype, device=input.device, memory_format=plan.out_format)

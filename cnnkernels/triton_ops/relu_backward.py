@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._args import output_memory_format
+from .._args import output_memory_format, shape_cached
 from . import _runtime
 from ._runtime import store_cast
 
@@ -111,17 +111,8 @@ _WALKS: dict = {}
 
 
 def channel_walk(t: torch.Tensor) -> ChannelWalk:
-    """The ChannelWalk of 4-D tensors shaped and strided like t (cached per shape and strides)."""
-    try:
-        key = (t.shape, t.stride())
-        walk = _WALKS.get(key)
-    except TypeError:  # symbolic sizes (torch.compile tracing)
-        return _channel_walk(t)
-    if walk is None:
-        if len(_WALKS) >= 4096:
-            _WALKS.clear()
-        walk = _WALKS[key] = _channel_walk(t)
-    return walk
+    """The ChannelWalk of 4-D tensors shaped and strided like t."""
+    return shape_cached(_WALKS, t, _channel_walk)
 
 
 def _channel_walk(t):
