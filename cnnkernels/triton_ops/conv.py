@@ -486,8 +486,10 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
     if any(v == 0 for v in out_shape):
         return _Plan(out_shape, out_format, copy_input, pack_weight, None)
     out_strides = torch.empty(out_shape, device="meta", memory_format=out_format).stride()
-    x = input.contiguous(memory_format=torch.channels_last) if copy_input else input
-    n_img, c_in, h, w_ = x.shape
+    # The strides the kernel will see: the input's, or its channels_last copy's (made per call).
+    x_strides = (torch.empty(input.shape, device="meta", memory_format=torch.channels_last).stride() if copy_input
+                 else input.stride())
+    n_img, c_in, h, w_ = input.shape
     k_out, cg, r, s = weight.shape
     kg = k_out // groups
     _, _, oh, ow = out_shape
@@ -497,7 +499,7 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     common = dict(
         H=h, W=w_, OH=oh, OW=ow, M=rows, R=r, S=s,
-        sxn=x.stride(0), sxh=x.stride(2), sxw=x.stride(3),
+        sxn=x_strides[0], sxh=x_strides[2], sxw=x_strides[3],
         stride_b=bias.stride(0) if bias is not None else 0,
         srn=res_strides[0], srk=res_strides[1], srh=res_strides[2], srw=res_strides[3],
         son=out_strides[0], sok=out_strides[1], soh=out_strides[2], sow=out_strides[3],
@@ -509,7 +511,7 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
     shape_key = (
         str(input.dtype).replace("torch.", ""), *map(hint, (n_img, c_in, h, w_, k_out, r, s)),
         *map(hint, (*stride, *padding, *dilation, groups)), bias is not None, residual is not None,
-        *map(hint, x.stride()), *map(hint, out_strides),
+        *map(hint, x_strides), *map(hint, out_strides),
     )
 
     if depthwise:
@@ -546,15 +548,17 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
     if len(candidates) == 1:
         config = candidates[0]
     else:
-        fake = any(_runtime.is_fake(t) for t in (x, weight, bias, residual) if t is not None)
+        fake = any(_runtime.is_fake(t) for t in (input, weight, bias, residual) if t is not None)
+        kernel_input = functools.cache(lambda: input.contiguous(memory_format=torch.channels_last) if copy_input
+                                       else input)
         kernel_weight = functools.cache(lambda: _pack(weight) if pack_weight else weight)
         scratch = functools.cache(lambda: torch.empty(out_shape, dtype=input.dtype, device=input.device,
                                                       memory_format=out_format))
 
         def bench(cfg):  # on a scratch output: tuning never writes the real one
             launch = launch_with(cfg)
-            with _runtime.device_guard(x):
-                return _autotune.bench_ms(lambda: launch(x, kernel_weight(), bias, residual, scratch()))
+            with _runtime.device_guard(input):
+                return _autotune.bench_ms(lambda: launch(kernel_input(), kernel_weight(), bias, residual, scratch()))
 
         config = tuner.pick(input.device, shape_key, candidates, bench, can_run=not fake)
     return _Plan(out_shape, out_format, copy_input, pack_weight, launch_with(config))
