@@ -93,6 +93,63 @@ def test_conv_matches_float64(N, C, H, W, K, kernel, stride, padding, dilation, 
     assert_tolerance_rule(out, x, w, b, *args)
 
 
+# (input shape, weight shape, stride, padding, groups, channel offset of the input view,
+#  (weight, input) tiles expected through TMA descriptors with the interpreter's 32-deep K blocks)
+TMA_CASES = [
+    pytest.param((2, 32, 5, 7), (24, 32, 1, 1), 1, 0, 1, 0, (True, True), id="1x1-gemm"),
+    pytest.param((2, 40, 5, 7), (24, 40, 1, 1), 1, 0, 1, 0, (True, True), id="1x1-gemm-zero-filled-channels"),
+    pytest.param((2, 64, 4, 5), (48, 32, 1, 1), 1, 0, 2, 0, (True, True), id="1x1-grouped"),
+    pytest.param((2, 48, 4, 5), (40, 24, 1, 1), 1, 0, 2, 0, (True, False), id="1x1-grouped-uneven"),
+    pytest.param((2, 32, 6, 6), (20, 32, 3, 3), 1, 1, 1, 0, (True, False), id="3x3-channel-loop"),
+    pytest.param((2, 8, 9, 9), (16, 8, 3, 3), 2, 1, 1, 0, (True, False), id="3x3-flat-reduction"),
+    pytest.param((2, 20, 6, 6), (16, 20, 3, 3), 1, 1, 1, 0, (False, False), id="3x3-uneven-channels"),
+    pytest.param((2, 32, 5, 7), (24, 32, 1, 1), 1, 0, 1, 2, (True, True), id="misaligned-view-falls-back"),
+]
+
+
+@pytest.fixture
+def descriptor_spy(monkeypatch):
+    """Fresh launch plans, and a list of (weight, input) flags, one per conv launch: whether that
+    operand was passed as a TMA tensor descriptor."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    launched = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launched.append(tuple(isinstance(a, TensorDescriptor) for a in args[1::-1]))
+                return self.kernel[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(conv, "_PLANS", {})
+    monkeypatch.setattr(conv._runtime, "launcher", Spy)
+    return launched
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="test_gpu_tma_configs runs the TMA configs on the GPU")
+@pytest.mark.parametrize("xs,ws,stride,padding,groups,offset,expected", TMA_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_tma_descriptor_loads_match_float64(monkeypatch, descriptor_spy, xs, ws, stride, padding, groups, offset,
+                                                 expected, dtype):
+    """The TMA configs (tuning candidates on Hopper) load tiles through tensor descriptors, where
+    the layouts allow, and fall back to pointer loads elsewhere, with the same results."""
+    monkeypatch.setattr(conv, "_INTERPRETER", conv._INTERPRETER._replace(tma=True))
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    n, c, h, w_ = xs
+    big = torch.randn(n, c + 8, h, w_, dtype=dtype, device=DEVICE, generator=g)
+    x = big.contiguous(memory_format=torch.channels_last)[:, offset : offset + c]
+    w = torch.randn(ws, dtype=dtype, device=DEVICE, generator=g).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(ws[0], dtype=dtype, device=DEVICE, generator=g)
+    args = ([stride] * 2, [padding] * 2, [1, 1], groups)
+    out = triton_ops.conv2d_relu_triton(x, w, b, *args)
+    assert_tolerance_rule(out, x, w, b, *args)
+    assert descriptor_spy == [expected if offset == 0 else (False, False)]
+    assert not any(holds_a_tensor(plan) for plan in conv._PLANS.values())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 @pytest.mark.parametrize("groups", [1, 4])
 def test_conv_add_relu_other_dtypes(dtype, groups):
@@ -369,7 +426,8 @@ def compile_for_hopper():
 
     unit = dict(sok=1, srk=1, stride_b=1)  # channels_last output and residual: ints equal to 1 become constexprs
     flags = dict(HAS_BIAS=True, HAS_RES=True, PADDED=True, INTERPRETED=False)
-    gemm = dict(flags, **unit, FLAT_K=False, EVEN_C=True, FMA_F64=False, ALLOW_TF32=False, GROUP_M=8)
+    gemm = dict(flags, **unit, FLAT_K=False, EVEN_C=True, FMA_F64=False, ALLOW_TF32=False, GROUP_M=8, W_DESC=False,
+                X_DESC=False)
     tiles = lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k)
     hopper, fp32, fp64, dw = conv._HOPPER_16BIT[0], conv._FP32[0], conv._FP64[0], conv._DEPTHWISE[0]
     variants = {
@@ -386,6 +444,79 @@ def compile_for_hopper():
         code = ptx(kernel, dtype, constexprs, config)
         report[name] = {"wgmma": "wgmma" in code, "ld.v4": "ld.global.v4" in code or "cp.async.cg.shared.global" in code}
     print(json.dumps(report))
+
+
+def tune_on_a_fake_hopper():
+    """Tunes a bf16 conv on CPU tensors with Triton's driver replaced by a fake Hopper (the
+    candidates compile; timing and launching are stubbed out) and prints, as JSON, the
+    candidates and the order of compiles (with their threads) and timings.
+
+    Run in a process without TRITON_INTERPRET (the interpreter's kernels cannot be compiled).
+    """
+    import tempfile
+    import threading
+
+    import triton
+    import triton.compiler
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    from cnnkernels.triton_ops import _autotune
+
+    class FakeHopper:  # what Triton's JIT asks of a driver before it compiles
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+    events = []
+    real_compile = triton.compiler.compile
+
+    def recording_compile(*args, **kwargs):
+        binary = real_compile(*args, **kwargs)
+        events.append(["compile", threading.current_thread().name])
+        return binary
+
+    driver.set_active(FakeHopper())
+    triton.compiler.compile = recording_compile
+    os.environ.update(CNNKERNELS_CACHE_DIR=tempfile.mkdtemp(), CNNKERNELS_AUTOTUNE="1")
+    torch.cuda.is_current_stream_capturing = lambda: False
+    _autotune.device_facts = lambda device: ("Fake Hopper", 9, 0)
+    _autotune.bench_ms = lambda fn: events.append(["bench", threading.current_thread().name]) or 1.0
+    captured = {}
+    real_pick = _autotune.Tuner.pick
+
+    def recording_pick(self, device, key, candidates, *args, **kwargs):
+        captured["candidates"] = [list(c) for c in candidates]
+        return real_pick(self, device, key, candidates, *args, **kwargs)
+
+    _autotune.Tuner.pick = recording_pick
+    x = torch.randn(8, 64, 32, 32, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(128, 64, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    conv._make_plan(x, w, None, None, [1, 1], [1, 1], [1, 1], 1)  # tunes; a plan launches nothing
+    print(json.dumps({"candidates": captured["candidates"], "events": events}))
+
+
+def test_tuning_compiles_every_candidate_at_once_before_timing():
+    """A new shape's candidates compile concurrently (Triton's AsyncCompileMode on a thread
+    pool), all before the first is timed, so the first call waits for about one compile."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path.insert(0, {tests_dir!r}); import test_triton_kernels as t; t.tune_on_a_fake_hopper()"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=os.path.dirname(tests_dir), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    candidates, events = report["candidates"], report["events"]
+    assert len(candidates) > 2 and any(c[6] for c in candidates)  # TMA configs among them
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["compile"] * len(candidates) + ["bench"] * len(candidates)
+    assert all(thread.startswith("cnnkernels-compile") for kind, thread in events if kind == "compile")
 
 
 def test_kernels_compile_for_hopper_without_a_gpu():
@@ -492,6 +623,44 @@ def test_gpu_cuda_graph_capture_after_warmup():
     assert not torch.equal(captured, eager)
 
 
+GPU_TMA_CASES = [  # (input, weight, stride, padding, groups, (weight, input) through descriptors)
+    ((8, 256, 28, 28), (512, 256, 1, 1), 1, 0, 1, (True, True)),
+    ((8, 64, 28, 28), (96, 32, 1, 1), 1, 0, 2, (True, True)),
+    ((8, 128, 28, 28), (128, 128, 3, 3), 1, 1, 1, (True, False)),
+    ((8, 8, 32, 32), (64, 8, 3, 3), 2, 1, 1, (True, False)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_TMA_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_tma_configs(monkeypatch, tmp_path, descriptor_spy, case, dtype):
+    """The TMA tuning candidates (Hopper, 16-bit) against float64, eager and under CUDA-graph replay."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the TMA configs are Hopper candidates")
+    xs, ws, stride, padding, groups, expected = case
+    monkeypatch.setattr(conv, "_HOPPER_16BIT", [c for c in conv._HOPPER_16BIT if c.tma])
+    monkeypatch.setenv("CNNKERNELS_AUTOTUNE", "0")  # the first TMA config, whatever was tuned before
+    monkeypatch.setenv("CNNKERNELS_CACHE_DIR", str(tmp_path))
+    x = make_input(xs, dtype, "channels_last")
+    w = (torch.randn(ws, dtype=dtype, device="cuda") / (ws[1] * ws[2] * ws[3]) ** 0.5).contiguous(
+        memory_format=torch.channels_last)
+    b = torch.randn(ws[0], dtype=dtype, device="cuda")
+    args = ([stride] * 2, [padding] * 2, [1, 1], groups)
+    residual = torch.randn_like(F.conv2d(x, w, b, *args))
+    call = lambda: triton_ops.conv2d_add_relu_triton(x, w, residual, b, *args)
+    out = call()
+    assert_tolerance_rule(out, x, w, b, *args, residual=residual)
+    assert descriptor_spy == [expected]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    x.normal_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, call())
+
+
 @pytest.mark.gpu
 def test_gpu_capture_without_warmup_asks_to_warm_up(tmp_path, monkeypatch):
     monkeypatch.setenv("CNNKERNELS_CACHE_DIR", str(tmp_path))
@@ -547,3 +716,4 @@ def test_every_kernel_compiles_for_hopper():
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
     assert "0 failed, 0 spill" in done.stdout
     assert "wgmma" in done.stdout  # 16-bit tiles reach Hopper's wgmma
+    assert "W_DESC=True X_DESC=True" in done.stdout and "TMA loads" in done.stdout  # the TMA candidates

@@ -77,7 +77,10 @@ def compile_for_hopper(kernel, args, kwargs):
     label = f"{kernel.__name__} {options} " + " ".join(f"{k}={v}" for k, v in constexprs.items())
     try:
         binary = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=HOPPER, options=options)
-        mma = "wgmma" if "wgmma" in binary.asm["ptx"] else "mma" if "mma.sync" in binary.asm["ptx"] else "no mma"
+        ptx = binary.asm["ptx"]
+        mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "no mma"
+        if "cp.async.bulk.tensor" in ptx:
+            mma += ", TMA loads"
         regs, local = registers_and_local_bytes(binary.asm["cubin"])
         if local:
             spilling.append(label)
@@ -96,7 +99,7 @@ class CompilingLauncher:
         return lambda *args, **kwargs: compile_for_hopper(self.kernel, args, kwargs)
 
 
-def every_candidate(self, device, key, candidates, bench, can_run):
+def every_candidate(self, device, key, candidates, bench, can_run, compile_only=None):
     for config in candidates:
         bench(config)
     return candidates[0]

@@ -13,6 +13,10 @@ Layouts the kernel wants:
   channels_last weight, used as is. Other weights are copied to it on each call (see
   `kernel_layout_weight` for why that copy is not cached).
 Depthwise convs (one input channel per group) use a separate elementwise kernel.
+
+On Hopper, some tuning candidates load the weight tiles (and the input tiles of 1x1 stride-1
+convs, which are plain GEMMs) through TMA tensor descriptors built on the host per call; the
+tuner keeps them only where they measure faster. Traced calls (torch.compile) never use them.
 """
 
 import functools
@@ -21,6 +25,7 @@ from typing import Callable, List, NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._args import MAX_CACHED, output_memory_format
 from . import _autotune, _runtime
@@ -114,6 +119,10 @@ def _conv_gemm_kernel(
     FMA_F64: tl.constexpr, ALLOW_TF32: tl.constexpr,
     INTERPRETED: tl.constexpr,  # work around interpreter quirks (dot operands, bf16 rounding)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    # Tensor-memory-accelerator (TMA) loads through host tensor descriptors, where eligible (see
+    # _tma_operands): W_DESC: w_ptr is a descriptor of the (K, R*S*Cg) weight matrix;
+    # X_DESC (1x1, stride 1, unpadded: a plain GEMM): x_ptr is one of the (N*H*W, C) input matrix.
+    W_DESC: tl.constexpr = False, X_DESC: tl.constexpr = False,
 ):
     # Program -> (group, tile); tiles are ordered GROUP_M rows at a time for L2 reuse of inputs.
     pid = tl.program_id(0)
@@ -135,9 +144,13 @@ def _conv_gemm_kernel(
     n_ok = offs_n < Kg
 
     n, ih0, iw0 = _input_windows(offs_m, OH, OW, stride_h, stride_w, pad_h, pad_w)
-    # int64: activations can exceed 2**31 elements.
-    x_rows = x_ptr + (n.to(tl.int64) * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw + g * Cg)
-    w_cols = w_ptr + (g * Kg + offs_n).to(tl.int64) * swk
+    if not X_DESC:
+        # int64: activations can exceed 2**31 elements.
+        x_rows = x_ptr + (n.to(tl.int64) * sxn + ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw + g * Cg)
+    if not W_DESC:
+        w_cols = w_ptr + (g * Kg + offs_n).to(tl.int64) * swk
+    # Descriptor loads zero-fill outside the matrix: rows past M or K, columns past the reduction.
+    w_row0 = g * Kg + pid_n * BLOCK_N
 
     if FMA_F64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
@@ -162,28 +175,39 @@ def _conv_gemm_kernel(
                 iw = iw0[:, None] + dw[None, :]
                 a_mask = a_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-            b = tl.load(w_cols[None, :] + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if W_DESC:
+                b = w_ptr.load([w_row0, k0]).T
+            else:
+                b = tl.load(w_cols[None, :] + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _mma(a, b, acc, FMA_F64, INTERPRETED, ALLOW_TF32)
     else:
         # One flat loop over (r, s, channel block) so the compiler can pipeline it.
         c_blocks = tl.cdiv(Cg, BLOCK_K)
         for t in range(0, R * S * c_blocks):
             rs = t // c_blocks
-            c = (t - rs * c_blocks) * BLOCK_K + offs_c
-            r = rs // S
-            s = rs - r * S
-            a_ptrs = x_rows[:, None] + ((r * dil_h).to(tl.int64) * sxh + (s * dil_w).to(tl.int64) * sxw) + c[None, :]
-            a_mask = m_ok[:, None]
-            if PADDED:
-                ih = ih0 + r * dil_h
-                iw = iw0 + s * dil_w
-                a_mask = a_mask & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
-            b_mask = n_ok[None, :]
-            if not EVEN_C:
-                a_mask = a_mask & (c < Cg)[None, :]
-                b_mask = b_mask & (c < Cg)[:, None]
-            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-            b = tl.load(w_cols[None, :] + (rs * Cg + c)[:, None], mask=b_mask, other=0.0)
+            c0 = (t - rs * c_blocks) * BLOCK_K
+            c = c0 + offs_c
+            if X_DESC:
+                a = x_ptr.load([pid_m * BLOCK_M, g * Cg + c0])
+            else:
+                r = rs // S
+                s = rs - r * S
+                a_ptrs = x_rows[:, None] + ((r * dil_h).to(tl.int64) * sxh + (s * dil_w).to(tl.int64) * sxw) + c[None, :]
+                a_mask = m_ok[:, None]
+                if PADDED:
+                    ih = ih0 + r * dil_h
+                    iw = iw0 + s * dil_w
+                    a_mask = a_mask & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
+                if not EVEN_C:
+                    a_mask = a_mask & (c < Cg)[None, :]
+                a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            if W_DESC:
+                b = w_ptr.load([w_row0, rs * Cg + c0]).T
+            else:
+                b_mask = n_ok[None, :]
+                if not EVEN_C:
+                    b_mask = b_mask & (c < Cg)[:, None]
+                b = tl.load(w_cols[None, :] + (rs * Cg + c)[:, None], mask=b_mask, other=0.0)
             acc = _mma(a, b, acc, FMA_F64, INTERPRETED, ALLOW_TF32)
 
     _fused_epilogue(
@@ -370,12 +394,17 @@ _gemm_tuner = _autotune.Tuner("conv2d_gemm")
 _depthwise_tuner = _autotune.Tuner("conv2d_depthwise")
 
 _C = _autotune.Config
-# First entry of each list is the untuned default. Fields: block m, n, k, group m, warps, stages.
-# Tiles whose fp32 accumulator needs more than 64 registers per thread spill once the fused
-# epilogue's addressing is added (checked in the SASS), so there are no 256-wide tiles.
+# First entry of each list is the untuned default. Fields: block m, n, k, group m, warps, stages
+# (and tma: descriptor loads, see _tma_operands). Tiles whose fp32 accumulator needs more than 64
+# registers per thread spill once the fused epilogue's addressing is added (checked in the
+# SASS), so no tile exceeds 128x128 or 256x64 on 8 warps.
 _HOPPER_16BIT = [  # wgmma: M multiple of 64 per warpgroup, K = 64 per stage
     _C(128, 128, 64, 8, 8, 3), _C(128, 128, 64, 8, 8, 4), _C(128, 128, 32, 8, 8, 5), _C(128, 64, 64, 8, 4, 4),
     _C(64, 128, 64, 8, 4, 4), _C(128, 64, 64, 8, 8, 4), _C(64, 64, 64, 8, 4, 4),
+    _C(256, 64, 64, 8, 8, 3),  # for 64 output channels, unmeasured: two warpgroups of 128x64
+    # TMA for the weight tiles (and the input tiles of 1x1 GEMMs): unmeasured, so only candidates
+    # (two, as every candidate costs a compile in the first call of each shape).
+    _C(128, 128, 64, 8, 8, 3, True), _C(128, 64, 64, 8, 4, 4, True),
 ]
 _OTHER_16BIT = [
     _C(128, 128, 32, 8, 8, 4), _C(128, 128, 64, 8, 8, 3), _C(128, 64, 32, 8, 4, 4), _C(64, 128, 32, 8, 4, 4),
@@ -409,6 +438,24 @@ def _gemm_candidates(dtype, device, rows, kg, reduction, interpreted):
         if c not in clamped:
             clamped.append(c)
     return clamped
+
+
+def _tma_operands(config, x_strides, x_shape, w_shape, w_stride_k, stride, padding, groups, flat_k, dtype):
+    """(weight, input): whether a config's tiles may come through TMA descriptors, judged by the
+    layouts (base-pointer alignment is checked per call). A descriptor zero-fills outside its
+    matrix but not between the channel blocks of kernel taps or groups, hence the EVEN_C terms."""
+    if not config.tma:
+        return False, False
+    size = dtype.itemsize
+    n_img, c_in, h, w_ = x_shape
+    k_out, cg, r, s = w_shape
+    even_c = cg % config.block_k == 0
+    weight = (w_stride_k * size) % 16 == 0 and (flat_k or r * s == 1 or even_c)
+    dense_rows = (n_img == 1 or x_strides[0] == h * x_strides[2]) and (h == 1 or x_strides[2] == w_ * x_strides[3])
+    plain_gemm = r == s == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and not flat_k
+    inputs = (plain_gemm and dense_rows and (x_strides[3] * size) % 16 == 0 and (groups == 1 or even_c)
+              and n_img * h * w_ < 2**31)  # TMA coordinates are 32-bit
+    return weight, inputs
 
 
 def _depthwise_candidates(rows, k, interpreted):
@@ -464,11 +511,35 @@ def _conv2d_fused(input, weight, residual, bias, stride, padding, dilation, grou
     return out
 
 
-def _launch_fn(kernel, constants):
-    """launch(x, weight, bias, residual, out) for a kernel already indexed with its grid. Unused
-    pointer arguments get x (only ever read): HAS_BIAS / HAS_RES keep them untouched."""
-    def launch(x, weight, bias, residual, out):
-        kernel(x, weight, x if bias is None else bias, x if residual is None else residual, out, **constants)
+def _launch_fn(kernel_fn, grid, constants, plain_twin=None, x_matrix=None, w_matrix=None):
+    """launch(x, weight, bias, residual, out, compile_only=False) for a kernel with its grid and
+    non-tensor arguments fixed; compile_only compiles without launching (Triton's warmup). Unused
+    pointer arguments get x (only ever read): HAS_BIAS / HAS_RES keep them untouched.
+
+    With W_DESC / X_DESC set, the weight / input go as TMA descriptors of (rows, columns, row
+    stride) matrices over them, built per call, or through the plain twin config's launch when a
+    base pointer is not 16-byte aligned (sliced views)."""
+    kernel = _runtime.launcher(kernel_fn)[grid]
+    w_desc, x_desc = constants.get("W_DESC", False), constants.get("X_DESC", False)
+
+    def descriptor(t, matrix, block):
+        rows, cols, row_stride = matrix
+        return TensorDescriptor(t, [rows, cols], [row_stride, 1], block)
+
+    def launch(x, weight, bias, residual, out, compile_only=False):
+        x_arg, w_arg = x, weight
+        if w_desc or x_desc:
+            if (w_desc and weight.data_ptr() % 16) or (x_desc and x.data_ptr() % 16):
+                return plain_twin(x, weight, bias, residual, out, compile_only)
+            if x_desc:
+                x_arg = descriptor(x, x_matrix, [constants["BLOCK_M"], constants["BLOCK_K"]])
+            if w_desc:
+                w_arg = descriptor(weight, w_matrix, [constants["BLOCK_N"], constants["BLOCK_K"]])
+        args = (x_arg, w_arg, x if bias is None else bias, x if residual is None else residual, out)
+        if compile_only:
+            kernel_fn.warmup(*args, grid=grid, **constants)
+        else:
+            kernel(*args, **constants)
     return launch
 
 
@@ -495,6 +566,7 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
     _, _, oh, ow = out_shape
     rows = n_img * oh * ow
     interpreted = _runtime.is_interpreted(_conv_gemm_kernel)
+    fake = any(_runtime.is_fake(t) for t in (input, weight, bias, residual) if t is not None)
     padded = padding[0] > 0 or padding[1] > 0
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     common = dict(
@@ -517,11 +589,10 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
     if depthwise:
         def launch_with(config):
             grid = (_runtime.cdiv(rows, config.block_m), _runtime.cdiv(k_out, config.block_n))
-            kernel = _runtime.launcher(_conv_depthwise_kernel)[grid]
             constants = dict(K=k_out, Kg=kg, swk=weight.stride(0), swr=weight.stride(2), sws=weight.stride(3),
                              ACC_F64=input.dtype == torch.float64, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                              num_warps=config.num_warps, num_stages=config.num_stages, **common)
-            return _launch_fn(kernel, constants)
+            return _launch_fn(_conv_depthwise_kernel, grid, constants)
 
         candidates = _depthwise_candidates(hint(rows), hint(k_out), interpreted)
         tuner = _depthwise_tuner
@@ -530,25 +601,35 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
         flat_k = cg < 16
         allow_tf32 = input.dtype == torch.float32 and not interpreted and _runtime.cudnn_conv_allows_tf32()
 
+        def tma_operands(config):
+            return _tma_operands(config, x_strides, input.shape, weight.shape, w_stride_k, stride, padding, groups,
+                                 flat_k, input.dtype)
+
         def launch_with(config):
             grid = (groups * _runtime.cdiv(rows, config.block_m) * _runtime.cdiv(kg, config.block_n),)
-            kernel = _runtime.launcher(_conv_gemm_kernel)[grid]
+            w_desc, x_desc = tma_operands(config)
             constants = dict(Cg=cg, Kg=kg, swk=w_stride_k, FLAT_K=flat_k, EVEN_C=cg % config.block_k == 0,
                              FMA_F64=input.dtype == torch.float64, ALLOW_TF32=allow_tf32,
                              BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                              GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
-                             **common)
-            return _launch_fn(kernel, constants)
+                             W_DESC=w_desc, X_DESC=x_desc, **common)
+            if not (w_desc or x_desc):
+                return _launch_fn(_conv_gemm_kernel, grid, constants)
+            return _launch_fn(_conv_gemm_kernel, grid, constants, launch_with(config._replace(tma=False)),
+                              (rows, c_in, x_strides[3]), (k_out, r * s * cg, w_stride_k))
 
         reduction = r * s * cg if flat_k else cg
         candidates = _gemm_candidates(input.dtype, input.device, hint(rows), hint(kg), hint(reduction), interpreted)
+        # Descriptors cannot be traced (torch.compile's wrap_triton does not capture host TMA
+        # descriptors), and a config whose descriptors are ineligible here is its plain twin.
+        candidates = list(dict.fromkeys(
+            c if not fake and any(tma_operands(c)) else c._replace(tma=False) for c in candidates))
         tuner = _gemm_tuner
         shape_key = shape_key + (allow_tf32,)
 
     if len(candidates) == 1:
         config = candidates[0]
     else:
-        fake = any(_runtime.is_fake(t) for t in (input, weight, bias, residual) if t is not None)
         kernel_input = functools.cache(lambda: input.contiguous(memory_format=torch.channels_last) if copy_input
                                        else input)
         kernel_weight = functools.cache(lambda: _pack(weight) if pack_weight else weight)
@@ -560,7 +641,13 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
             with _runtime.device_guard(input):
                 return _autotune.bench_ms(lambda: launch(kernel_input(), kernel_weight(), bias, residual, scratch()))
 
-        config = tuner.pick(input.device, shape_key, candidates, bench, can_run=not fake)
+        def compile_only(cfg):
+            with _runtime.device_guard(input):
+                launch_with(cfg)(kernel_input(), kernel_weight(), bias, residual, scratch(), compile_only=True)
+
+        config = tuner.pick(input.device, shape_key, candidates, bench, can_run=not fake, compile_only=compile_only)
+    if fake:
+        config = config._replace(tma=False)  # a tuned TMA choice, while tracing
     return _Plan(out_shape, out_format, copy_input, pack_weight, launch_with(config))
 
 
