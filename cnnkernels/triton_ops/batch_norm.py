@@ -31,7 +31,8 @@ import triton.language as tl
 
 from . import _runtime
 from ._runtime import store_cast
-from .relu_backward import ChannelWalk, channel_walk, pixel_tile, program_pixels_and_channels, sum_partial_rows
+from .relu_backward import (SUM_BLOCK_C, SUM_BLOCK_R, SUM_WARPS, ChannelWalk, channel_walk, pixel_tile,
+                            program_pixels_and_channels, sum_partial_rows)
 
 
 @triton.jit
@@ -174,9 +175,6 @@ def _bn_elementwise_kernel(
         tl.store(dst_ptr + offs, store_cast(y, dst_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
-_STATS_BLOCK_R, _STATS_BLOCK_C = 64, 32
-
-
 def _acc_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -246,11 +244,12 @@ def batch_norm_relu_train_triton(input: torch.Tensor, weight: torch.Tensor, bias
     coef = torch.empty((2, C), dtype=acc_dtype, device=input.device)
     with _runtime.device_guard(x):
         partials = _channel_partials(walk, x, None, None, None, backward=False)
-        _runtime.launcher(_forward_stats_kernel)[(_runtime.cdiv(C, _STATS_BLOCK_C),)](
+        _runtime.launcher(_forward_stats_kernel)[(_runtime.cdiv(C, SUM_BLOCK_C),)](
             partials, walk.partial_rows, C, x, walk.strides[1], weight, bias, eps, input.numel() // C,
             mean, var, coef, mean if running_mean is None else running_mean, var if running_var is None else running_var,
-            momentum, UPDATE_RUNNING=running_mean is not None, BLOCK_R=_STATS_BLOCK_R, BLOCK_C=_STATS_BLOCK_C,
-            F64=acc_dtype == torch.float64, INTERPRETED=_runtime.is_interpreted(_forward_stats_kernel), num_warps=4)
+            momentum, UPDATE_RUNNING=running_mean is not None, BLOCK_R=SUM_BLOCK_R, BLOCK_C=SUM_BLOCK_C,
+            F64=acc_dtype == torch.float64, INTERPRETED=_runtime.is_interpreted(_forward_stats_kernel),
+            num_warps=SUM_WARPS)
         out, _ = _elementwise(walk, x, None, None, residual, coef, backward=False, want_residual_grad=False)
     return out, mean, var
 
@@ -271,10 +270,10 @@ def batch_norm_relu_backward_triton(grad: torch.Tensor, input: torch.Tensor, out
     coef = torch.empty((3, C), dtype=mean.dtype, device=input.device)
     with _runtime.device_guard(x):
         partials = _channel_partials(walk, x, g, out, mean, backward=True)
-        _runtime.launcher(_backward_coefficients_kernel)[(_runtime.cdiv(C, _STATS_BLOCK_C),)](
+        _runtime.launcher(_backward_coefficients_kernel)[(_runtime.cdiv(C, SUM_BLOCK_C),)](
             partials, walk.partial_rows, C, mean, var, weight, eps, input.numel() // C, coef, grad_weight, grad_bias,
-            BLOCK_R=_STATS_BLOCK_R, BLOCK_C=_STATS_BLOCK_C, F64=mean.dtype == torch.float64,
-            INTERPRETED=_runtime.is_interpreted(_backward_coefficients_kernel), num_warps=4)
+            BLOCK_R=SUM_BLOCK_R, BLOCK_C=SUM_BLOCK_C, F64=mean.dtype == torch.float64,
+            INTERPRETED=_runtime.is_interpreted(_backward_coefficients_kernel), num_warps=SUM_WARPS)
         grad_input, grad_residual = _elementwise(walk, x, g, out, None, coef, backward=True,
                                                  want_residual_grad=residual_grad)
     return [grad_input, grad_weight, grad_bias, grad_residual if residual_grad else input.new_empty(0)]

@@ -21,6 +21,12 @@ _PARTIAL_ROWS = 1024  # at most about this many partial sums per channel after t
 # dtypes) per loop step, likely too few in flight to saturate HBM; never measured against larger
 # tiles on a GPU. benchmarks/bn_tiles.py sweeps it (clear _WALKS after changing it).
 TILE_ELEMENTS = 1024
+# The fixed-order totals of a (rows x C) table of partial sums (sum_partial_rows): one program per
+# SUM_BLOCK_C channels walks all rows, SUM_BLOCK_R per step. It reads a few hundred KB from L2 in
+# dependent steps, so it is latency-bound: many rows per step (4 steps for 1024 rows, against 16
+# at 64 rows) and narrow channel strips (4 programs for 64 channels) shorten it. Unmeasured on a
+# GPU, like TILE_ELEMENTS; the GPU check's profile step shows these kernels' times.
+SUM_BLOCK_R, SUM_BLOCK_C, SUM_WARPS = 256, 16, 8
 
 
 @triton.jit
@@ -153,7 +159,7 @@ def relu_backward_bias_grad_triton(grad: torch.Tensor, output: torch.Tensor) -> 
         _runtime.launcher(_mask_and_partial_sums_kernel)[walk.grid](
             g, o, grad_input, partial, walk.C, walk.HW, walk.s_per_prog, walk.chunks, *walk.strides,
             BLOCK_S=walk.block_s, BLOCK_C=walk.block_c, F64=f64, num_warps=4)
-        _runtime.launcher(_sum_partials_kernel)[(_runtime.cdiv(walk.C, 32),)](
-            partial, grad_bias, walk.partial_rows, walk.C, BLOCK_R=64, BLOCK_C=32, F64=f64,
-            INTERPRETED=_runtime.is_interpreted(_sum_partials_kernel), num_warps=4)
+        _runtime.launcher(_sum_partials_kernel)[(_runtime.cdiv(walk.C, SUM_BLOCK_C),)](
+            partial, grad_bias, walk.partial_rows, walk.C, BLOCK_R=SUM_BLOCK_R, BLOCK_C=SUM_BLOCK_C, F64=f64,
+            INTERPRETED=_runtime.is_interpreted(_sum_partials_kernel), num_warps=SUM_WARPS)
     return grad_input, grad_bias
