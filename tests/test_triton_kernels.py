@@ -519,6 +519,18 @@ def test_tuning_compiles_every_candidate_at_once_before_timing():
     assert all(thread.startswith("cnnkernels-compile") for kind, thread in events if kind == "compile")
 
 
+def test_tuning_inside_a_callers_async_compile_mode_compiles_as_it_times(monkeypatch):
+    """Triton allows one AsyncCompileMode at a time: inside the caller's, ours steps aside."""
+    import triton
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(_autotune.os, "cpu_count", lambda: 4)  # not the one-core early return
+    called = []
+    with ThreadPoolExecutor(1) as pool, triton.AsyncCompileMode(pool):
+        _autotune.compile_concurrently(called.append, [conv._C(64, 64, 32, 8, 4, 3), conv._C(128, 64, 32, 8, 4, 3)])
+    assert called == []
+
+
 def test_kernels_compile_for_hopper_without_a_gpu():
     """Catches GPU-only compile errors (the interpreter never compiles) and checks the tensor-core path."""
     tests_dir = os.path.dirname(os.path.abspath(__file__))

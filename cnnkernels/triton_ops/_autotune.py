@@ -126,12 +126,19 @@ def compile_concurrently(compile_only: Callable[[Config], None], candidates: Seq
     if workers < 2 or not hasattr(triton, "AsyncCompileMode"):
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="cnnkernels-compile") as pool:
-        with triton.AsyncCompileMode(pool, ignore_errors=True):
+        mode = triton.AsyncCompileMode(pool, ignore_errors=True)
+        try:
+            mode.__enter__()
+        except RuntimeError:  # the caller's own AsyncCompileMode is active: it compiles our kernels
+            return
+        try:
             for config in candidates:
                 try:
                     compile_only(config)
                 except Exception:  # noqa: BLE001 - e.g. a tile this GPU cannot hold; bench() meets it again
                     pass
+        finally:
+            mode.__exit__(None, None, None)
 
 
 def bench_ms(fn: Callable[[], None]) -> float:
