@@ -101,7 +101,8 @@ TMA_CASES = [
     pytest.param((2, 64, 4, 5), (48, 32, 1, 1), 1, 0, 2, 0, (True, True), id="1x1-grouped"),
     pytest.param((2, 48, 4, 5), (40, 24, 1, 1), 1, 0, 2, 0, (True, False), id="1x1-grouped-uneven"),
     pytest.param((2, 32, 6, 6), (20, 32, 3, 3), 1, 1, 1, 0, (True, False), id="3x3-channel-loop"),
-    pytest.param((2, 8, 9, 9), (16, 8, 3, 3), 2, 1, 1, 0, (True, False), id="3x3-flat-reduction"),
+    pytest.param((2, 8, 9, 9), (16, 8, 3, 4), 2, 1, 1, 0, (True, False), id="3x4-flat-reduction"),
+    pytest.param((2, 8, 9, 9), (16, 8, 3, 3), 2, 1, 1, 0, (False, False), id="3x3-flat-rows-of-24"),
     pytest.param((2, 20, 6, 6), (16, 20, 3, 3), 1, 1, 1, 0, (False, False), id="3x3-uneven-channels"),
     pytest.param((2, 32, 5, 7), (24, 32, 1, 1), 1, 0, 1, 2, (True, True), id="misaligned-view-falls-back"),
 ]
@@ -639,7 +640,7 @@ GPU_TMA_CASES = [  # (input, weight, stride, padding, groups, (weight, input) th
     ((8, 256, 28, 28), (512, 256, 1, 1), 1, 0, 1, (True, True)),
     ((8, 64, 28, 28), (96, 32, 1, 1), 1, 0, 2, (True, True)),
     ((8, 128, 28, 28), (128, 128, 3, 3), 1, 1, 1, (True, False)),
-    ((8, 8, 32, 32), (64, 8, 3, 3), 2, 1, 1, (True, False)),
+    ((8, 8, 32, 32), (64, 8, 3, 4), 2, 1, 1, (True, False)),  # FLAT_K, kernel rows of 32 = BLOCK_K
 ]
 
 

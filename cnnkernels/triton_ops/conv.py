@@ -114,7 +114,7 @@ def _conv_gemm_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     PADDED: tl.constexpr,  # pad > 0: rows may read outside the image
-    FLAT_K: tl.constexpr,  # one reduction index over (r, s, c): for few channels per group
+    FLAT_K: tl.constexpr,  # per kernel row, one reduction index over (s, c): for few channels per group
     EVEN_C: tl.constexpr,  # Cg % BLOCK_K == 0: no channel mask
     FMA_F64: tl.constexpr, ALLOW_TF32: tl.constexpr,
     INTERPRETED: tl.constexpr,  # work around interpreter quirks (dot operands, bf16 rounding)
@@ -158,27 +158,33 @@ def _conv_gemm_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     if FLAT_K:
-        KT = R * S * Cg
-        for k0 in range(0, KT, BLOCK_K):
-            kk = k0 + offs_c
-            k_ok = kk < KT
-            c = kk % Cg
-            rs = kk // Cg
-            r = rs // S
-            s = rs - r * S
-            dh = r * dil_h
+        # Few channels per group (stems): per kernel row r, one reduction index j over (kernel
+        # column, channel), channel fastest, so that the image-row bounds are checked per pixel
+        # rather than per element. One flat loop over (r, j block), as below.
+        SC = S * Cg
+        j_blocks = tl.cdiv(SC, BLOCK_K)
+        for t in range(0, R * j_blocks):
+            r = t // j_blocks
+            j0 = (t - r * j_blocks) * BLOCK_K
+            j = j0 + offs_c
+            j_ok = j < SC
+            s = j // Cg
+            c = j - s * Cg
             dw = s * dil_w
-            a_ptrs = x_rows[:, None] + (dh.to(tl.int64) * sxh + dw.to(tl.int64) * sxw + c)[None, :]
-            a_mask = m_ok[:, None] & k_ok[None, :]
+            a_ptrs = x_rows[:, None] + (r * dil_h).to(tl.int64) * sxh + (dw.to(tl.int64) * sxw + c)[None, :]
+            row_ok = m_ok
             if PADDED:
-                ih = ih0[:, None] + dh[None, :]
+                ih = ih0 + r * dil_h
+                row_ok = row_ok & (ih >= 0) & (ih < H)
+            a_mask = row_ok[:, None] & j_ok[None, :]
+            if PADDED:
                 iw = iw0[:, None] + dw[None, :]
-                a_mask = a_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a_mask = a_mask & (iw >= 0) & (iw < W)
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
             if W_DESC:
-                b = w_ptr.load([w_row0, k0]).T
+                b = w_ptr.load([w_row0, r * SC + j0]).T
             else:
-                b = tl.load(w_cols[None, :] + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                b = tl.load(w_cols[None, :] + (r * SC + j)[:, None], mask=j_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _mma(a, b, acc, FMA_F64, INTERPRETED, ALLOW_TF32)
     else:
         # One flat loop over (r, s, channel block) so the compiler can pipeline it.
@@ -443,14 +449,16 @@ def _gemm_candidates(dtype, device, rows, kg, reduction, interpreted):
 def _tma_operands(config, x_strides, x_shape, w_shape, w_stride_k, stride, padding, groups, flat_k, dtype):
     """(weight, input): whether a config's tiles may come through TMA descriptors, judged by the
     layouts (base-pointer alignment is checked per call). A descriptor zero-fills outside its
-    matrix but not between the channel blocks of kernel taps or groups, hence the EVEN_C terms."""
+    matrix but not between the channel blocks of kernel taps (or, FLAT_K, kernel rows) or groups,
+    hence the whole-block terms."""
     if not config.tma:
         return False, False
     size = dtype.itemsize
     n_img, c_in, h, w_ = x_shape
     k_out, cg, r, s = w_shape
     even_c = cg % config.block_k == 0
-    weight = (w_stride_k * size) % 16 == 0 and (flat_k or r * s == 1 or even_c)
+    whole_blocks = (s * cg) % config.block_k == 0 or r == 1 if flat_k else even_c or r * s == 1
+    weight = (w_stride_k * size) % 16 == 0 and whole_blocks
     dense_rows = (n_img == 1 or x_strides[0] == h * x_strides[2]) and (h == 1 or x_strides[2] == w_ * x_strides[3])
     plain_gemm = r == s == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and not flat_k
     inputs = (plain_gemm and dense_rows and (x_strides[3] * size) % 16 == 0 and (groups == 1 or even_c)
@@ -618,7 +626,7 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
             return _launch_fn(_conv_gemm_kernel, grid, constants, launch_with(config._replace(tma=False)),
                               (rows, c_in, x_strides[3]), (k_out, r * s * cg, w_stride_k))
 
-        reduction = r * s * cg if flat_k else cg
+        reduction = s * cg if flat_k else cg  # per reduction step
         candidates = _gemm_candidates(input.dtype, input.device, hint(rows), hint(kg), hint(reduction), interpreted)
         # Descriptors cannot be traced (torch.compile's wrap_triton does not capture host TMA
         # descriptors), and a config whose descriptors are ineligible here is its plain twin.
