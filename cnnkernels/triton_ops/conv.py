@@ -396,7 +396,7 @@ def unsupported_reasons(input, weight, bias=None, residual=None, stride=(1, 1), 
 # Launch
 # ---------------------------------------------------------------------------------------
 
-_gemm_tuner = _autotune.Tuner("conv2d_gemm")
+_gemm_tuner = _autotune.Tuner("conv2d_gemm.v2")  # v2: per-row stem reduction and TMA configs; v1 picks are stale
 _depthwise_tuner = _autotune.Tuner("conv2d_depthwise")
 
 _C = _autotune.Config
