@@ -93,25 +93,27 @@ def test_conv_matches_float64(N, C, H, W, K, kernel, stride, padding, dilation, 
     assert_tolerance_rule(out, x, w, b, *args)
 
 
-# (input shape, weight shape, stride, padding, groups, channel offset of the input view,
-#  (weight, input) tiles expected through TMA descriptors with the interpreter's 32-deep K blocks)
+# (input shape, weight shape, stride, padding, groups, channel offset of the input view, which of
+#  (weight, input, residual, output) go as TMA descriptors with the interpreter's tiles: 128x64,
+#  K blocks of 32, clamped to the problem)
 TMA_CASES = [
-    pytest.param((2, 32, 5, 7), (24, 32, 1, 1), 1, 0, 1, 0, (True, True), id="1x1-gemm"),
-    pytest.param((2, 40, 5, 7), (24, 40, 1, 1), 1, 0, 1, 0, (True, True), id="1x1-gemm-zero-filled-channels"),
-    pytest.param((2, 64, 4, 5), (48, 32, 1, 1), 1, 0, 2, 0, (True, True), id="1x1-grouped"),
-    pytest.param((2, 48, 4, 5), (40, 24, 1, 1), 1, 0, 2, 0, (True, False), id="1x1-grouped-uneven"),
-    pytest.param((2, 32, 6, 6), (20, 32, 3, 3), 1, 1, 1, 0, (True, False), id="3x3-channel-loop"),
-    pytest.param((2, 8, 9, 9), (16, 8, 3, 4), 2, 1, 1, 0, (True, False), id="3x4-flat-reduction"),
-    pytest.param((2, 8, 9, 9), (16, 8, 3, 3), 2, 1, 1, 0, (False, False), id="3x3-flat-rows-of-24"),
-    pytest.param((2, 20, 6, 6), (16, 20, 3, 3), 1, 1, 1, 0, (False, False), id="3x3-uneven-channels"),
-    pytest.param((2, 32, 5, 7), (24, 32, 1, 1), 1, 0, 1, 2, (True, True), id="misaligned-view-falls-back"),
+    pytest.param((2, 32, 5, 7), (24, 32, 1, 1), 1, 0, 1, 0, (True, True, True, True), id="1x1-gemm"),
+    pytest.param((2, 40, 5, 7), (24, 40, 1, 1), 1, 0, 1, 0, (True, True, True, True), id="1x1-zero-filled-channels"),
+    pytest.param((2, 64, 4, 5), (48, 32, 1, 1), 1, 0, 2, 0, (True, True, False, False), id="1x1-grouped"),
+    pytest.param((2, 64, 4, 5), (64, 32, 1, 1), 1, 0, 2, 0, (True, True, True, True), id="1x1-grouped-whole-tiles"),
+    pytest.param((2, 48, 4, 5), (40, 24, 1, 1), 1, 0, 2, 0, (True, False, False, False), id="1x1-grouped-uneven"),
+    pytest.param((2, 32, 6, 6), (24, 32, 3, 3), 1, 1, 1, 0, (True, False, True, True), id="3x3-channel-loop"),
+    pytest.param((2, 8, 9, 9), (16, 8, 3, 4), 2, 1, 1, 0, (True, False, True, True), id="3x4-flat-reduction"),
+    pytest.param((2, 8, 9, 9), (16, 8, 3, 3), 2, 1, 1, 0, (False, False, True, True), id="3x3-flat-rows-of-24"),
+    pytest.param((2, 20, 6, 6), (5, 20, 3, 3), 1, 1, 1, 0, (False, False, False, False), id="3x3-nothing-eligible"),
+    pytest.param((2, 32, 5, 7), (24, 32, 1, 1), 1, 0, 1, 2, (False, False, False, False), id="misaligned-view-falls-back"),
 ]
 
 
 @pytest.fixture
 def descriptor_spy(monkeypatch):
-    """Fresh launch plans, and a list of (weight, input) flags, one per conv launch: whether that
-    operand was passed as a TMA tensor descriptor."""
+    """Fresh launch plans, and a list of (weight, input, residual, output) flags, one per conv
+    launch: whether that operand was passed as a TMA tensor descriptor."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     launched = []
 
@@ -121,7 +123,7 @@ def descriptor_spy(monkeypatch):
 
         def __getitem__(self, grid):
             def run(*args, **kwargs):
-                launched.append(tuple(isinstance(a, TensorDescriptor) for a in args[1::-1]))
+                launched.append(tuple(isinstance(args[i], TensorDescriptor) for i in (1, 0, 3, 4)))
                 return self.kernel[grid](*args, **kwargs)
             return run
 
@@ -133,10 +135,10 @@ def descriptor_spy(monkeypatch):
 @pytest.mark.skipif(HAS_CUDA, reason="test_gpu_tma_configs runs the TMA configs on the GPU")
 @pytest.mark.parametrize("xs,ws,stride,padding,groups,offset,expected", TMA_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_conv_tma_descriptor_loads_match_float64(monkeypatch, descriptor_spy, xs, ws, stride, padding, groups, offset,
-                                                 expected, dtype):
-    """The TMA configs (tuning candidates on Hopper) load tiles through tensor descriptors, where
-    the layouts allow, and fall back to pointer loads elsewhere, with the same results."""
+def test_conv_tma_descriptors_match_float64(monkeypatch, descriptor_spy, xs, ws, stride, padding, groups, offset,
+                                            expected, dtype):
+    """The TMA configs (tuning candidates on Hopper) move tiles through tensor descriptors where
+    the layouts allow, and use pointers elsewhere, with the same results."""
     monkeypatch.setattr(conv, "_INTERPRETER", conv._INTERPRETER._replace(tma=True))
     g = torch.Generator(device=DEVICE).manual_seed(2)
     n, c, h, w_ = xs
@@ -145,9 +147,15 @@ def test_conv_tma_descriptor_loads_match_float64(monkeypatch, descriptor_spy, xs
     w = torch.randn(ws, dtype=dtype, device=DEVICE, generator=g).contiguous(memory_format=torch.channels_last)
     b = torch.randn(ws[0], dtype=dtype, device=DEVICE, generator=g)
     args = ([stride] * 2, [padding] * 2, [1, 1], groups)
-    out = triton_ops.conv2d_relu_triton(x, w, b, *args)
-    assert_tolerance_rule(out, x, w, b, *args)
-    assert descriptor_spy == [expected if offset == 0 else (False, False)]
+    residual = torch.randn_like(F.conv2d(x, w, b, *args)).contiguous(memory_format=torch.channels_last)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # torch.empty fills with NaN: a missed output element shows
+    try:
+        out = triton_ops.conv2d_add_relu_triton(x, w, residual, b, *args)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert_tolerance_rule(out, x, w, b, *args, residual=residual)
+    assert descriptor_spy == [expected]
     assert not any(holds_a_tensor(plan) for plan in conv._PLANS.values())
 
 
@@ -428,7 +436,7 @@ def compile_for_hopper():
     unit = dict(sok=1, srk=1, stride_b=1)  # channels_last output and residual: ints equal to 1 become constexprs
     flags = dict(HAS_BIAS=True, HAS_RES=True, PADDED=True, INTERPRETED=False)
     gemm = dict(flags, **unit, FLAT_K=False, EVEN_C=True, FMA_F64=False, ALLOW_TF32=False, GROUP_M=8, W_DESC=False,
-                X_DESC=False)
+                X_DESC=False, R_DESC=False, O_DESC=False)
     tiles = lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k)
     hopper, fp32, fp64, dw = conv._HOPPER_16BIT[0], conv._FP32[0], conv._FP64[0], conv._DEPTHWISE[0]
     variants = {
@@ -636,11 +644,11 @@ def test_gpu_cuda_graph_capture_after_warmup():
     assert not torch.equal(captured, eager)
 
 
-GPU_TMA_CASES = [  # (input, weight, stride, padding, groups, (weight, input) through descriptors)
-    ((8, 256, 28, 28), (512, 256, 1, 1), 1, 0, 1, (True, True)),
-    ((8, 64, 28, 28), (96, 32, 1, 1), 1, 0, 2, (True, True)),
-    ((8, 128, 28, 28), (128, 128, 3, 3), 1, 1, 1, (True, False)),
-    ((8, 8, 32, 32), (64, 8, 3, 4), 2, 1, 1, (True, False)),  # FLAT_K, kernel rows of 32 = BLOCK_K
+GPU_TMA_CASES = [  # (input, weight, stride, padding, groups, (weight, input, residual, output) as descriptors)
+    ((8, 256, 28, 28), (512, 256, 1, 1), 1, 0, 1, (True, True, True, True)),
+    ((8, 64, 28, 28), (96, 32, 1, 1), 1, 0, 2, (True, True, False, False)),  # 48 channels per group, 64-wide tiles
+    ((8, 128, 28, 28), (128, 128, 3, 3), 1, 1, 1, (True, False, True, True)),
+    ((8, 8, 32, 32), (64, 8, 3, 4), 2, 1, 1, (True, False, True, True)),  # FLAT_K, kernel rows of 32 = BLOCK_K
 ]
 
 

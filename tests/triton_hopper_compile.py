@@ -11,6 +11,7 @@ The ops run on CPU tensors with their launches replaced by compilation, so the s
 picks configs and arguments on a GPU picks them here. Prints one line per compiled kernel variant
 and exits non-zero if any failed.
 """
+import inspect
 import itertools
 import os
 import re
@@ -49,7 +50,9 @@ def specialization(kernel, args, kwargs):
     """(signature, constexprs, attrs) as a launch builds them: Triton's own specializer makes ints
     equal to 1 constants and marks 16-divisible ints and 16-byte-aligned pointers, which decides
     vectorized loads and software pipelining."""
-    bound = dict(zip(kernel.arg_names, args), **kwargs)
+    bound = inspect.signature(kernel.fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    bound = bound.arguments
     sig, constexprs, attrs = {}, {}, {}
     for index, p in enumerate(kernel.params):
         value = bound[p.name]

@@ -14,9 +14,10 @@ Layouts the kernel wants:
   `kernel_layout_weight` for why that copy is not cached).
 Depthwise convs (one input channel per group) use a separate elementwise kernel.
 
-On Hopper, some tuning candidates load the weight tiles (and the input tiles of 1x1 stride-1
-convs, which are plain GEMMs) through TMA tensor descriptors built on the host per call; the
-tuner keeps them only where they measure faster. Traced calls (torch.compile) never use them.
+On Hopper, some tuning candidates move tiles through TMA tensor descriptors built on the host per
+call: the weight tiles, the input tiles of 1x1 stride-1 convs (plain GEMMs), and the residual and
+output tiles of channels_last outputs; the tuner keeps them only where they measure faster.
+Traced calls (torch.compile) never use them.
 """
 
 import functools
@@ -44,8 +45,10 @@ def _fused_epilogue(
     res_ptr, srn, srk, srh, srw,
     out_ptr, son, sok, soh, sow,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, INTERPRETED: tl.constexpr,
+    m0=0, k0=0, O_DESC: tl.constexpr = False, R_DESC: tl.constexpr = False,
 ):
-    """acc[m, k] (+ bias[k]) (+ residual) -> ReLU -> out, at strided NCHW-logical positions."""
+    """acc[m, k] (+ bias[k]) (+ residual) -> ReLU -> out, at strided NCHW-logical positions; with
+    O_DESC / R_DESC, out / res are TMA descriptors of (M, K) matrices, this tile at (m0, k0)."""
     m_ok = offs_m < M
     k_ok = offs_k < K
     n = offs_m // (OH * OW)
@@ -61,13 +64,19 @@ def _fused_epilogue(
         b = tl.load(bias_ptr + k64 * stride_b, mask=k_ok, other=0.0)
         acc = acc + b.to(acc.dtype)[None, :]
     if HAS_RES:
-        r_off = (n * srn + oh * srh + ow * srw)[:, None] + (k64 * srk)[None, :]
-        r = tl.load(res_ptr + r_off, mask=mask, other=0.0)
+        if R_DESC:
+            r = res_ptr.load([m0, k0])
+        else:
+            r_off = (n * srn + oh * srh + ow * srw)[:, None] + (k64 * srk)[None, :]
+            r = tl.load(res_ptr + r_off, mask=mask, other=0.0)
         acc = acc + r.to(acc.dtype)
     # Not tl.maximum: `acc < 0` is False for NaN, so NaN passes through like torch.relu.
     acc = tl.where(acc < 0, 0.0, acc)
-    o_off = (n * son + oh * soh + ow * sow)[:, None] + (k64 * sok)[None, :]
-    tl.store(out_ptr + o_off, store_cast(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+    if O_DESC:
+        out_ptr.store([m0, k0], store_cast(acc, out_ptr.dtype, INTERPRETED))
+    else:
+        o_off = (n * son + oh * soh + ow * sow)[:, None] + (k64 * sok)[None, :]
+        tl.store(out_ptr + o_off, store_cast(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
 @triton.jit
@@ -119,10 +128,12 @@ def _conv_gemm_kernel(
     FMA_F64: tl.constexpr, ALLOW_TF32: tl.constexpr,
     INTERPRETED: tl.constexpr,  # work around interpreter quirks (dot operands, bf16 rounding)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    # Tensor-memory-accelerator (TMA) loads through host tensor descriptors, where eligible (see
-    # _tma_operands): W_DESC: w_ptr is a descriptor of the (K, R*S*Cg) weight matrix;
-    # X_DESC (1x1, stride 1, unpadded: a plain GEMM): x_ptr is one of the (N*H*W, C) input matrix.
-    W_DESC: tl.constexpr = False, X_DESC: tl.constexpr = False,
+    # Tensor-memory-accelerator (TMA) loads and stores through host tensor descriptors, where
+    # eligible (see _tma_operands): W_DESC: w_ptr is a descriptor of the (K, R*S*Cg) weight matrix;
+    # X_DESC (1x1, stride 1, unpadded: a plain GEMM): x_ptr is one of the (N*H*W, C) input matrix;
+    # R_DESC / O_DESC: res_ptr / out_ptr are ones of the channels_last (N*OH*OW, K) matrices.
+    W_DESC: tl.constexpr = False, X_DESC: tl.constexpr = False, R_DESC: tl.constexpr = False,
+    O_DESC: tl.constexpr = False,
 ):
     # Program -> (group, tile); tiles are ordered GROUP_M rows at a time for L2 reuse of inputs.
     pid = tl.program_id(0)
@@ -219,7 +230,7 @@ def _conv_gemm_kernel(
     _fused_epilogue(
         acc, offs_m, g * Kg + offs_n, M, (g + 1) * Kg, OH, OW,
         bias_ptr, stride_b, res_ptr, srn, srk, srh, srw, out_ptr, son, sok, soh, sow,
-        HAS_BIAS, HAS_RES, INTERPRETED,
+        HAS_BIAS, HAS_RES, INTERPRETED, pid_m * BLOCK_M, w_row0, O_DESC, R_DESC,
     )
 
 
@@ -408,8 +419,8 @@ _HOPPER_16BIT = [  # wgmma: M multiple of 64 per warpgroup, K = 64 per stage
     _C(128, 128, 64, 8, 8, 3), _C(128, 128, 64, 8, 8, 4), _C(128, 128, 32, 8, 8, 5), _C(128, 64, 64, 8, 4, 4),
     _C(64, 128, 64, 8, 4, 4), _C(128, 64, 64, 8, 8, 4), _C(64, 64, 64, 8, 4, 4),
     _C(256, 64, 64, 8, 8, 3),  # for 64 output channels, unmeasured: two warpgroups of 128x64
-    # TMA for the weight tiles (and the input tiles of 1x1 GEMMs): unmeasured, so only candidates
-    # (two, as every candidate costs a compile in the first call of each shape).
+    # TMA descriptors (weight, 1x1 input, residual and output tiles; see _tma_operands): unmeasured,
+    # so only candidates (two, as every candidate costs a compile in the first call of each shape).
     _C(128, 128, 64, 8, 8, 3, True), _C(128, 64, 64, 8, 4, 4, True),
 ]
 _OTHER_16BIT = [
@@ -446,24 +457,53 @@ def _gemm_candidates(dtype, device, rows, kg, reduction, interpreted):
     return clamped
 
 
-def _tma_operands(config, x_strides, x_shape, w_shape, w_stride_k, stride, padding, groups, flat_k, dtype):
-    """(weight, input): whether a config's tiles may come through TMA descriptors, judged by the
-    layouts (base-pointer alignment is checked per call). A descriptor zero-fills outside its
-    matrix but not between the channel blocks of kernel taps (or, FLAT_K, kernel rows) or groups,
-    hence the whole-block terms."""
+class _Matrix(NamedTuple):
+    """A tensor walked as a row-major (rows, cols) matrix with this row stride: a TMA descriptor's view."""
+    rows: int
+    cols: int
+    row_stride: int
+
+
+class _TmaOperands(NamedTuple):
+    """Which operands of a conv GEMM launch go as TMA descriptors, as which matrices (None: a pointer)."""
+    weight: Optional[_Matrix] = None
+    input: Optional[_Matrix] = None
+    residual: Optional[_Matrix] = None
+    out: Optional[_Matrix] = None
+
+
+def _pixel_rows(shape, strides, size) -> Optional[_Matrix]:
+    """An NCHW-logical tensor stored NHWC-dense (channels_last, or channel slices of it) as the
+    (N*H*W, C) matrix a descriptor can walk, or None. TMA wants 16-byte row strides and 32-bit
+    coordinates."""
+    n, c, h, w = shape
+    sn, sc, sh, sw = strides
+    dense = (c == 1 or sc == 1) and (n == 1 or sn == h * sh) and (h == 1 or sh == w * sw)
+    if not dense or (sw * size) % 16 or n * h * w >= 2**31:
+        return None
+    return _Matrix(n * h * w, c, sw)
+
+
+def _tma_operands(config, x_shape, x_strides, w_shape, w_stride_k, out_shape, out_strides, res_strides,
+                  stride, padding, groups, flat_k, dtype) -> _TmaOperands:
+    """The operands a config may pass as TMA descriptors, judged by the layouts (base-pointer
+    alignment is checked per call). A descriptor zero-fills outside its matrix but not between
+    the channel blocks of kernel taps (or, FLAT_K, of kernel rows) or of groups, and its stores
+    are clipped only at the matrix's edges, hence the whole-block terms."""
     if not config.tma:
-        return False, False
+        return _TmaOperands()
     size = dtype.itemsize
-    n_img, c_in, h, w_ = x_shape
     k_out, cg, r, s = w_shape
+    kg = k_out // groups
     even_c = cg % config.block_k == 0
-    whole_blocks = (s * cg) % config.block_k == 0 or r == 1 if flat_k else even_c or r * s == 1
-    weight = (w_stride_k * size) % 16 == 0 and whole_blocks
-    dense_rows = (n_img == 1 or x_strides[0] == h * x_strides[2]) and (h == 1 or x_strides[2] == w_ * x_strides[3])
+    whole_taps = (s * cg) % config.block_k == 0 or r == 1 if flat_k else even_c or r * s == 1
+    weight = _Matrix(k_out, r * s * cg, w_stride_k) if whole_taps and (w_stride_k * size) % 16 == 0 else None
     plain_gemm = r == s == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and not flat_k
-    inputs = (plain_gemm and dense_rows and (x_strides[3] * size) % 16 == 0 and (groups == 1 or even_c)
-              and n_img * h * w_ < 2**31)  # TMA coordinates are 32-bit
-    return weight, inputs
+    inputs = _pixel_rows(x_shape, x_strides, size) if plain_gemm and (groups == 1 or even_c) else None
+    whole_groups = groups == 1 or kg % config.block_n == 0
+    out = _pixel_rows(out_shape, out_strides, size) if whole_groups else None
+    residual = _pixel_rows(out_shape, res_strides, size) if whole_groups and res_strides is not None else None
+    return _TmaOperands(weight, inputs, residual, out)
 
 
 def _depthwise_candidates(rows, k, interpreted):
@@ -519,31 +559,28 @@ def _conv2d_fused(input, weight, residual, bias, stride, padding, dilation, grou
     return out
 
 
-def _launch_fn(kernel_fn, grid, constants, plain_twin=None, x_matrix=None, w_matrix=None):
+def _launch_fn(kernel_fn, grid, constants, tma=_TmaOperands(), plain_twin=None):
     """launch(x, weight, bias, residual, out, compile_only=False) for a kernel with its grid and
     non-tensor arguments fixed; compile_only compiles without launching (Triton's warmup). Unused
     pointer arguments get x (only ever read): HAS_BIAS / HAS_RES keep them untouched.
 
-    With W_DESC / X_DESC set, the weight / input go as TMA descriptors of (rows, columns, row
-    stride) matrices over them, built per call, or through the plain twin config's launch when a
-    base pointer is not 16-byte aligned (sliced views)."""
+    Operands with a matrix in `tma` go as TMA descriptors built per call, or, when one of their
+    base pointers is not 16-byte aligned (sliced views), through the plain twin config's launch."""
     kernel = _runtime.launcher(kernel_fn)[grid]
-    w_desc, x_desc = constants.get("W_DESC", False), constants.get("X_DESC", False)
-
-    def descriptor(t, matrix, block):
-        rows, cols, row_stride = matrix
-        return TensorDescriptor(t, [rows, cols], [row_stride, 1], block)
+    block_m, block_n, block_k = constants.get("BLOCK_M"), constants.get("BLOCK_N"), constants.get("BLOCK_K")
+    blocks = _TmaOperands(weight=[block_n, block_k], input=[block_m, block_k], residual=[block_m, block_n],
+                          out=[block_m, block_n])
+    described = [(i, matrix, block) for i, (matrix, block) in enumerate(zip(tma, blocks)) if matrix is not None]
 
     def launch(x, weight, bias, residual, out, compile_only=False):
-        x_arg, w_arg = x, weight
-        if w_desc or x_desc:
-            if (w_desc and weight.data_ptr() % 16) or (x_desc and x.data_ptr() % 16):
+        tensors = _TmaOperands(weight, x, residual, out)
+        args = list(tensors)
+        for i, matrix, block in described:
+            if tensors[i].data_ptr() % 16:
                 return plain_twin(x, weight, bias, residual, out, compile_only)
-            if x_desc:
-                x_arg = descriptor(x, x_matrix, [constants["BLOCK_M"], constants["BLOCK_K"]])
-            if w_desc:
-                w_arg = descriptor(weight, w_matrix, [constants["BLOCK_N"], constants["BLOCK_K"]])
-        args = (x_arg, w_arg, x if bias is None else bias, x if residual is None else residual, out)
+            args[i] = TensorDescriptor(tensors[i], [matrix.rows, matrix.cols], [matrix.row_stride, 1], block)
+        w_arg, x_arg, res_arg, out_arg = args
+        args = (x_arg, w_arg, x if bias is None else bias, x if residual is None else res_arg, out_arg)
         if compile_only:
             kernel_fn.warmup(*args, grid=grid, **constants)
         else:
@@ -610,21 +647,22 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
         allow_tf32 = input.dtype == torch.float32 and not interpreted and _runtime.cudnn_conv_allows_tf32()
 
         def tma_operands(config):
-            return _tma_operands(config, x_strides, input.shape, weight.shape, w_stride_k, stride, padding, groups,
+            return _tma_operands(config, input.shape, x_strides, weight.shape, w_stride_k, out_shape, out_strides,
+                                 residual.stride() if residual is not None else None, stride, padding, groups,
                                  flat_k, input.dtype)
 
         def launch_with(config):
             grid = (groups * _runtime.cdiv(rows, config.block_m) * _runtime.cdiv(kg, config.block_n),)
-            w_desc, x_desc = tma_operands(config)
+            tma = tma_operands(config)
             constants = dict(Cg=cg, Kg=kg, swk=w_stride_k, FLAT_K=flat_k, EVEN_C=cg % config.block_k == 0,
                              FMA_F64=input.dtype == torch.float64, ALLOW_TF32=allow_tf32,
                              BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                              GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
-                             W_DESC=w_desc, X_DESC=x_desc, **common)
-            if not (w_desc or x_desc):
+                             W_DESC=tma.weight is not None, X_DESC=tma.input is not None,
+                             R_DESC=tma.residual is not None, O_DESC=tma.out is not None, **common)
+            if not any(tma):
                 return _launch_fn(_conv_gemm_kernel, grid, constants)
-            return _launch_fn(_conv_gemm_kernel, grid, constants, launch_with(config._replace(tma=False)),
-                              (rows, c_in, x_strides[3]), (k_out, r * s * cg, w_stride_k))
+            return _launch_fn(_conv_gemm_kernel, grid, constants, tma, launch_with(config._replace(tma=False)))
 
         reduction = s * cg if flat_k else cg  # per reduction step
         candidates = _gemm_candidates(input.dtype, input.device, hint(rows), hint(kg), hint(reduction), interpreted)
