@@ -285,8 +285,8 @@ class _BatchNormReLUTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, residual, eps, running_mean, running_var, momentum):
-        out, mean, var = batch_norm_relu_train_triton(input, weight, bias, residual, eps, running_mean, running_var,
-                                                      momentum)
+        out, mean, var = _runtime.call_op(batch_norm_relu_train_triton, input, weight, bias, residual, eps,
+                                          running_mean, running_var, momentum, mutated=(running_mean, running_var))
         ctx.save_for_backward(input, out, mean, var, weight)
         ctx.eps = eps
         ctx.has_residual = residual is not None
@@ -296,8 +296,8 @@ class _BatchNormReLUTrain(torch.autograd.Function):
     def backward(ctx, grad):
         input, out, mean, var, weight = ctx.saved_tensors
         wants_residual = ctx.has_residual and ctx.needs_input_grad[3]
-        grad_input, grad_weight, grad_bias, grad_residual = batch_norm_relu_backward_triton(
-            grad, input, out, mean, var, weight, ctx.eps, wants_residual)
+        grad_input, grad_weight, grad_bias, grad_residual = _runtime.call_op(
+            batch_norm_relu_backward_triton, grad, input, out, mean, var, weight, ctx.eps, wants_residual)
         return grad_input, grad_weight, grad_bias, grad_residual if wants_residual else None, None, None, None, None
 
 

@@ -528,14 +528,13 @@ class _Plan(NamedTuple):
 
 
 _PLANS: dict = {}
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _plan_key(input, weight, residual, bias, stride, padding, dilation, groups):
     """The call's signature for _PLANS, or None where no plan may be kept: traced or fake tensors
     (torch.compile), meta tensors."""
     tensors = (input, weight, residual, bias)
-    if any(t is not None and type(t) not in _PLAIN for t in tensors) or input.device.type == "meta":
+    if any(t is not None and type(t) not in _runtime.PLAIN_TENSORS for t in tensors) or input.device.type == "meta":
         return None
     tf32 = input.dtype == torch.float32 and _runtime.cudnn_conv_allows_tf32()
     return (tuple(stride), tuple(padding), tuple(dilation), groups, tf32) + tuple(
