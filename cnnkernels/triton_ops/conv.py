@@ -21,7 +21,7 @@ Traced calls (torch.compile) never use them.
 """
 
 import functools
-from typing import Callable, List, NamedTuple, Optional
+from typing import Any, Callable, List, NamedTuple, Optional
 
 import torch
 import triton
@@ -465,11 +465,12 @@ class _Matrix(NamedTuple):
 
 
 class _TmaOperands(NamedTuple):
-    """Which operands of a conv GEMM launch go as TMA descriptors, as which matrices (None: a pointer)."""
-    weight: Optional[_Matrix] = None
-    input: Optional[_Matrix] = None
-    residual: Optional[_Matrix] = None
-    out: Optional[_Matrix] = None
+    """One value per conv GEMM operand that TMA can move. From _tma_operands: the matrix its
+    descriptor walks (None: it goes as a pointer); _launch_fn also keeps box shapes and tensors in it."""
+    weight: Any = None
+    input: Any = None
+    residual: Any = None
+    out: Any = None
 
 
 def _pixel_rows(shape, strides, size) -> Optional[_Matrix]:
@@ -572,13 +573,15 @@ def _launch_fn(kernel_fn, grid, constants, tma=_TmaOperands(), plain_twin=None):
     described = [(i, matrix, block) for i, (matrix, block) in enumerate(zip(tma, blocks)) if matrix is not None]
 
     def launch(x, weight, bias, residual, out, compile_only=False):
-        tensors = _TmaOperands(weight, x, residual, out)
-        args = list(tensors)
-        for i, matrix, block in described:
-            if tensors[i].data_ptr() % 16:
-                return plain_twin(x, weight, bias, residual, out, compile_only)
-            args[i] = TensorDescriptor(tensors[i], [matrix.rows, matrix.cols], [matrix.row_stride, 1], block)
-        w_arg, x_arg, res_arg, out_arg = args
+        w_arg, x_arg, res_arg, out_arg = weight, x, residual, out
+        if described:
+            tensors = _TmaOperands(weight, x, residual, out)
+            args = list(tensors)
+            for i, matrix, block in described:
+                if tensors[i].data_ptr() % 16:
+                    return plain_twin(x, weight, bias, residual, out, compile_only)
+                args[i] = TensorDescriptor(tensors[i], [matrix.rows, matrix.cols], [matrix.row_stride, 1], block)
+            w_arg, x_arg, res_arg, out_arg = args
         args = (x_arg, w_arg, x if bias is None else bias, x if residual is None else res_arg, out_arg)
         if compile_only:
             kernel_fn.warmup(*args, grid=grid, **constants)
