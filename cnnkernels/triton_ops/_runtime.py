@@ -61,7 +61,8 @@ def should_launch(kernel, *tensors) -> bool:
 
 def call_op(op, *args, mutated=()):
     """op(*args) for one of our torch.library.triton_op ops, straight into its Python body when
-    the call is plain eager work: plain tensors, and nothing compiling, intercepting (dispatch
+    the call is plain eager work: plain tensors that autograd does not track here (as in an
+    autograd.Function's forward and backward), and nothing compiling, intercepting (dispatch
     modes, functorch transforms) or profiling. The body then launches Triton kernels as the op's
     own eager kernel does (wrap_triton off), and the `mutated` tensors get the version bump its
     ADInplaceOrView kernel would give them. The dispatcher's way there cost about 100 us per
@@ -71,7 +72,9 @@ def call_op(op, *args, mutated=()):
     if (body is None or _set_wrap_triton_enabled is None or torch.compiler.is_compiling()
             or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()
             or torch.autograd.profiler._is_profiler_enabled
-            or any(isinstance(a, torch.Tensor) and type(a) not in PLAIN_TENSORS for a in args)):
+            or any(isinstance(a, torch.Tensor) and (type(a) not in PLAIN_TENSORS
+                                                    or (a.requires_grad and torch.is_grad_enabled()))
+                   for a in args)):
         return op(*args)
     with _set_wrap_triton_enabled(False):
         result = body(*args)
