@@ -12,11 +12,6 @@ try:
 except ImportError:  # pragma: no cover - very old triton
     _InterpretedFunction = ()
 
-try:  # the switch torch.library.triton_op's eager kernel uses; private, hence the fallback
-    from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
-except ImportError:  # pragma: no cover - older torch: call_op always dispatches
-    _set_wrap_triton_enabled = None
-
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # not fake, functional or other subclasses
 
@@ -63,21 +58,21 @@ def call_op(op, *args, mutated=()):
     """op(*args) for one of our torch.library.triton_op ops, straight into its Python body when
     the call is plain eager work: plain tensors that autograd does not track here (as in an
     autograd.Function's forward and backward), and nothing compiling, intercepting (dispatch
-    modes, functorch transforms) or profiling. The body then launches Triton kernels as the op's
-    own eager kernel does (wrap_triton off), and the `mutated` tensors get the version bump its
-    ADInplaceOrView kernel would give them. The dispatcher's way there cost about 100 us per
-    fused BN forward and backward pair on the CPU dev box (346 against 249 us), and a training
-    step calls that pair once per BatchNorm. Any other call goes through the dispatcher."""
+    modes, functorch transforms) or profiling. The body (triton_op's eager kernel, which turns
+    wrap_triton off itself) launches the Triton kernels, and the `mutated` tensors get the version
+    bump the op's ADInplaceOrView kernel would give them. The dispatcher's way there cost about
+    90 us per fused BN forward and backward pair on the CPU dev box (345-351 against 260-263 us,
+    benchmarks/results/2026-12-05_CPU-AMD-EPYC-2-threads_host-overhead.txt), and a training step
+    calls that pair once per BatchNorm. Any other call goes through the dispatcher."""
     body = getattr(op, "_init_fn", None)
-    if (body is None or _set_wrap_triton_enabled is None or torch.compiler.is_compiling()
+    if (body is None or torch.compiler.is_compiling()
             or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()
             or torch.autograd.profiler._is_profiler_enabled
             or any(isinstance(a, torch.Tensor) and (type(a) not in PLAIN_TENSORS
                                                     or (a.requires_grad and torch.is_grad_enabled()))
                    for a in args)):
         return op(*args)
-    with _set_wrap_triton_enabled(False):
-        result = body(*args)
+    result = body(*args)
     for t in mutated:
         if t is not None:
             torch.autograd.graph.increment_version(t)

@@ -650,7 +650,7 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
 
         def tma_operands(config):
             return _tma_operands(config, input.shape, x_strides, weight.shape, w_stride_k, out_shape, out_strides,
-                                 residual.stride() if residual is not None else None, stride, padding, groups,
+                                 res_strides if residual is not None else None, stride, padding, groups,
                                  flat_k, input.dtype)
 
         def launch_with(config):
