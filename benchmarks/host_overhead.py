@@ -61,6 +61,18 @@ def cases(device):
             y.backward(r)
         return call
 
+    def conv_train(fused):
+        wg, bg = w.detach().requires_grad_(), b.detach().requires_grad_()
+
+        def call():
+            if fused:
+                with cnnkernels.use_backend("triton"):
+                    y = cnnkernels.conv2d_relu(x, wg, bg, 1, 1)
+            else:
+                y = torch.relu(F.conv2d(x, wg, bg, 1, 1))
+            y.backward(r)
+        return call
+
     conv_relu = lambda: cnnkernels.conv2d_relu(x, w, b, 1, 1)  # noqa: E731
     conv_add_relu = lambda: cnnkernels.conv2d_add_relu(x, w, r, b, 1, 1)  # noqa: E731
     add_relu = lambda: cnnkernels.add_relu(x, r)  # noqa: E731
@@ -74,6 +86,8 @@ def cases(device):
         ("add_relu", "pytorch (add + relu)", lambda: torch.relu(x + r)),
         ("add_relu", "triton", ours("triton", add_relu)),
         ("add_relu", "cuda", ours("cuda", add_relu)),
+        ("conv2d_relu train, fwd+bwd", "pytorch (F.conv2d + relu)", conv_train(False)),
+        ("conv2d_relu train, fwd+bwd", "triton", conv_train(True)),
         ("bn+add+relu train, fwd+bwd", "pytorch (BatchNorm2d + add + relu)", bn_unit(False)),
         ("bn+add+relu train, fwd+bwd", "triton (fused)", bn_unit(True)),
     ]

@@ -97,11 +97,13 @@ def _backward_add_relu(ctx, grad):
     return grad_pre_relu, grad_pre_relu
 
 
-def register_autograd(suffix):
+def register_autograd(suffix, relu_backward_bias_grad=None):
     """Registers autograd for cnnkernels::{conv2d_relu,conv2d_add_relu,add_relu}{suffix}; their
-    backward runs cnnkernels::relu_backward_bias_grad{suffix}, the same backend's kernel."""
+    backward runs cnnkernels::relu_backward_bias_grad{suffix}, the same backend's kernel (or
+    the given callable that runs it)."""
     lib = torch.library
-    relu_backward_bias_grad = getattr(torch.ops.cnnkernels, f"relu_backward_bias_grad{suffix}")
+    if relu_backward_bias_grad is None:
+        relu_backward_bias_grad = getattr(torch.ops.cnnkernels, f"relu_backward_bias_grad{suffix}")
     conv2d_relu_backward, conv2d_add_relu_backward = _conv_backwards(relu_backward_bias_grad)
     lib.register_autograd(f"cnnkernels::conv2d_relu{suffix}", conv2d_relu_backward,
                           setup_context=_setup_conv2d_relu)

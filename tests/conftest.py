@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Triton's interpreter must be chosen before triton is imported.
 if not torch.cuda.is_available():
@@ -86,3 +87,35 @@ def poisoned_outputs():
     finally:
         torch.utils.deterministic.fill_uninitialized_memory = fill
         torch.use_deterministic_algorithms(was, warn_only=was_warn)
+
+
+def spy_op_calls(monkeypatch, *ops):
+    """Replaces each triton_op `module.name` of ops, given as (module, name) pairs, by a stand-in
+    that runs it as before and logs which way each call took: (name, "direct") when
+    _runtime.call_op ran the op's body, (name, "dispatcher") otherwise."""
+    calls = []
+    for module, name in ops:
+        op = getattr(module, name)
+
+        class Spy:
+            _init_fn = staticmethod(lambda *args, op=op, name=name: calls.append((name, "direct"))
+                                    or op._init_fn(*args))
+
+            def __call__(self, *args, op=op, name=name):
+                calls.append((name, "dispatcher"))
+                return op(*args)
+
+        monkeypatch.setattr(module, name, Spy())
+    return calls
+
+
+class LogOps(TorchDispatchMode):
+    """A dispatch mode that records the name of every op it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import cnnkernels
 from cnnkernels import batch_norm
-from conftest import DEVICES, assert_matches_reference, interpreting_triton, poisoned_outputs
+from conftest import DEVICES, LogOps, assert_matches_reference, interpreting_triton, poisoned_outputs, spy_op_calls
 
 pytestmark = pytest.mark.usefixtures("_triton_usable")
 
@@ -135,42 +135,20 @@ def test_eager_calls_skip_the_dispatcher_unless_something_intercepts(monkeypatch
     """Plain eager calls run the ops' bodies directly (the dispatcher's cost is host time in a
     training step) and still bump the running statistics' versions as the op would; under a
     dispatch mode (here one that logs ops) they go through the dispatcher, which it sees."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from cnnkernels.triton_ops import batch_norm as triton_batch_norm
 
-    calls = []
-    for name in ("batch_norm_relu_train_triton", "batch_norm_relu_backward_triton"):
-        op = getattr(triton_batch_norm, name)
-
-        class Spy:  # the op, recording which way each call took
-            _init_fn = staticmethod(lambda *args, op=op: calls.append("direct") or op._init_fn(*args))
-
-            def __call__(self, *args, op=op):
-                calls.append("dispatcher")
-                return op(*args)
-
-        monkeypatch.setattr(triton_batch_norm, name, Spy())
-
-    class LogOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
+    forward, backward = "batch_norm_relu_train_triton", "batch_norm_relu_backward_triton"
+    calls = spy_op_calls(monkeypatch, (triton_batch_norm, forward), (triton_batch_norm, backward))
     bn = make_bn(3, torch.float32, "cpu")
     x = torch.randn(2, 3, 4, 4)
     versions = bn.running_mean._version, bn.running_var._version
     run(bn, x, None, torch.ones_like(x), fused=True)
-    assert calls == ["direct", "direct"]
+    assert calls == [(forward, "direct"), (backward, "direct")]
     assert bn.running_mean._version > versions[0] and bn.running_var._version > versions[1]
     calls.clear()
     with LogOps() as log:
         run(bn, x, None, torch.ones_like(x), fused=True)
-    assert calls == ["dispatcher", "dispatcher"]
+    assert calls == [(forward, "dispatcher"), (backward, "dispatcher")]
     assert any("batch_norm_relu_train_triton" in op for op in log.ops)
     assert any("batch_norm_relu_backward_triton" in op for op in log.ops)
 

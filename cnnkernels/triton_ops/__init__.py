@@ -7,21 +7,27 @@ batch_norm.batch_norm_relu_train, an autograd.Function, in batch_norm.py).
 Import with TRITON_INTERPRET=1 set (before triton is first imported) to run them on CPU tensors.
 """
 
-import torch
 
 from .._registration import register_autograd
-from . import add_relu as _add_relu, batch_norm as _batch_norm, conv as _conv, relu_backward as _relu_backward  # noqa: F401  (importing registers the ops)
+from . import _runtime, add_relu as _add_relu, batch_norm as _batch_norm, conv as _conv, relu_backward as _relu_backward  # noqa: F401  (importing registers the ops)
 from .add_relu import add_relu_unsupported_reasons
 from .conv import unsupported_reasons
 
 
-register_autograd(suffix="_triton")
+def _relu_backward_bias_grad(grad, output):
+    return _runtime.call_op(_relu_backward.relu_backward_bias_grad_triton, grad, output)
+
+
+register_autograd(suffix="_triton", relu_backward_bias_grad=_relu_backward_bias_grad)
+
+# The wrappers below go through _runtime.call_op: plain eager calls without autograd skip the
+# dispatcher, anything else (autograd, torch.compile, dispatch modes) takes it.
 
 
 def conv2d_relu_triton(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
     """relu(conv2d(...)); op-level arguments (4-D input, 2-int stride/padding/dilation)."""
-    return torch.ops.cnnkernels.conv2d_relu_triton(
-        input, weight, bias, list(stride), list(padding), list(dilation), groups
+    return _runtime.call_op(
+        _conv.conv2d_relu_triton, input, weight, bias, list(stride), list(padding), list(dilation), groups
     )
 
 
@@ -29,14 +35,14 @@ def conv2d_add_relu_triton(
     input, weight, residual, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1
 ):
     """relu(conv2d(...) + residual); residual has the output's shape."""
-    return torch.ops.cnnkernels.conv2d_add_relu_triton(
-        input, weight, residual, bias, list(stride), list(padding), list(dilation), groups
+    return _runtime.call_op(
+        _conv.conv2d_add_relu_triton, input, weight, residual, bias, list(stride), list(padding), list(dilation), groups
     )
 
 
 def add_relu_triton(input, other):
     """relu(input + other); same shape and dtype, output in input's memory format."""
-    return torch.ops.cnnkernels.add_relu_triton(input, other)
+    return _runtime.call_op(_add_relu.add_relu_triton, input, other)
 
 
 __all__ = [
