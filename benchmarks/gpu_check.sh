@@ -124,8 +124,9 @@ step tests_cpu "$(left 200 0)" env OMP_NUM_THREADS=2 CNNKERNELS_AUTOTUNE=0 pytho
 # At most 8 files come back from the device machine: the key ones, plus one archive of all. Six
 # land in $OUT: gpu_check.log, gpu-tests.xml, the layer and -train JSON, README-section.md, the archive.
 cp "$OUT"/work/bench/*.json "$OUT/" 2> /dev/null
-# The Triton configs the tuner picked per shape (which won: TMA descriptors or pointer loads?).
-cp "${CNNKERNELS_CACHE_DIR:-$HOME/.cache/cnnkernels}/autotune.json" "$OUT/work/" 2> /dev/null
+# The Triton configs the tuner picked per shape (which won: TMA descriptors or pointer loads?), and
+# every candidate's time or failure per tuned shape.
+cp "${CNNKERNELS_CACHE_DIR:-$HOME/.cache/cnnkernels}"/autotune{.json,-timings.jsonl} "$OUT/work/" 2> /dev/null
 cp "$OUT"/work/bench/*.md "$OUT/" 2> /dev/null
 tar -czf "$OUT/gpu_check.tar.gz" -C "$OUT" work $(cd "$OUT" && ls gpu-tests*.xml 2> /dev/null) gpu_check.log
 rm -rf "$OUT/work"

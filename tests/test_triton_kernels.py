@@ -20,6 +20,7 @@ from cnnkernels._args import output_memory_format
 from cnnkernels.triton_ops import _autotune, conv
 
 from conftest import HAVE_CUDA as HAS_CUDA  # conftest also chose the interpreter without a GPU
+from conftest import LogOps, spy_op_calls
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 pytestmark = pytest.mark.on_device  # on the GPU where there is one, else in the interpreter
@@ -328,6 +329,49 @@ def test_add_relu_other_aliases_input():
     torch.testing.assert_close(out, torch.relu(2 * a))
 
 
+def test_eager_calls_skip_the_dispatcher_unless_autograd_or_a_mode_needs_it(monkeypatch):
+    """Eager calls autograd does not track run the ops' bodies directly (the dispatcher's cost is
+    host time per call, benchmarks/host_overhead.py), and so does the backward's fused ReLU and
+    bias gradient; a grad-tracked forward takes the dispatcher, whose autograd kernel records the
+    backward, and under a dispatch mode every call does, so that the mode sees the ops."""
+    from cnnkernels.triton_ops import add_relu as add_relu_module, relu_backward
+
+    calls = spy_op_calls(monkeypatch, (conv, "conv2d_relu_triton"), (conv, "conv2d_add_relu_triton"),
+                         (add_relu_module, "add_relu_triton"), (relu_backward, "relu_backward_bias_grad_triton"))
+    x = make_input((2, 4, 5, 5), torch.float32, "channels_last")
+    w, b = torch.randn(4, 4, 3, 3, device=DEVICE), torch.randn(4, device=DEVICE)
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+
+    def forward_calls():
+        return [triton_ops.conv2d_relu_triton(x, w, b, *geometry),
+                triton_ops.conv2d_add_relu_triton(x, w, x, b, *geometry),
+                triton_ops.add_relu_triton(x, x)]
+
+    direct = forward_calls()
+    assert calls == [("conv2d_relu_triton", "direct"), ("conv2d_add_relu_triton", "direct"),
+                     ("add_relu_triton", "direct")]
+    calls.clear()
+    with LogOps() as log:
+        through_modes = forward_calls()
+    assert [way for _, way in calls] == ["dispatcher"] * 3
+    assert [op for op in log.ops if "cnnkernels" in op] == [
+        "cnnkernels.conv2d_relu_triton.default", "cnnkernels.conv2d_add_relu_triton.default",
+        "cnnkernels.add_relu_triton.default"]
+    for a, b_ in zip(direct, through_modes):
+        torch.testing.assert_close(a, b_, rtol=0, atol=0)
+
+    calls.clear()
+    w.requires_grad_()
+    b.requires_grad_()
+    out = triton_ops.conv2d_relu_triton(x, w, b, *geometry)
+    out.backward(torch.ones_like(out))
+    assert calls == [("conv2d_relu_triton", "dispatcher"), ("relu_backward_bias_grad_triton", "direct")]
+    w64, b64 = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    torch.relu(F.conv2d(x.double(), w64, b64, padding=1)).backward(torch.ones_like(out, dtype=torch.float64))
+    torch.testing.assert_close(b.grad, b64.grad.float())
+    torch.testing.assert_close(w.grad, w64.grad.float())
+
+
 def test_fake_and_meta_tensors_give_shapes_without_launching():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -386,20 +430,29 @@ def test_autotune_results_persist_and_capture_refuses_to_tune(tmp_path, monkeypa
     monkeypatch.delenv("CNNKERNELS_AUTOTUNE", raising=False)
     monkeypatch.setattr(_autotune, "device_facts", lambda device: ("Test GPU", 9, 0))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    candidates = [_autotune.Config(64, 64, 32, 8, 4, 3), _autotune.Config(128, 128, 64, 8, 8, 3)]
+    candidates = [_autotune.Config(64, 64, 32, 8, 4, 3), _autotune.Config(128, 128, 64, 8, 8, 3),
+                  _autotune.Config(256, 256, 64, 8, 8, 3)]
     timed = []
 
     def bench(config):
         timed.append(config)
+        if config.block_m == 256:
+            raise RuntimeError("out of resource: shared memory")
         return 1.0 / config.block_m  # the bigger tile "wins"
 
     best = _autotune.Tuner("k").pick(torch.device("cuda"), ("shape", 1), candidates, bench, can_run=True)
     assert best == candidates[1] and timed == candidates
     assert os.path.exists(tmp_path / "autotune.json")
+    # Every candidate's time, fastest first, and why one failed, for whoever tunes the lists next.
+    with open(tmp_path / "autotune-timings.jsonl") as f:
+        (logged,) = [json.loads(line) for line in f]
+    assert logged["key"].startswith("k|Test GPU|sm90|") and logged["key"].endswith("('shape', 1)")
+    assert logged["ms"] == [[list(candidates[1]), 1 / 128], [list(candidates[0]), 1 / 64]]
+    assert logged["failed"] == [[list(candidates[2]), "RuntimeError: out of resource: shared memory"]]
 
     _autotune._disk_loaded.clear()  # as if in a new process
     again = _autotune.Tuner("k").pick(torch.device("cuda"), ("shape", 1), candidates, bench, can_run=True)
-    assert again == best and len(timed) == 2  # read back from disk, not re-tuned
+    assert again == best and len(timed) == 3  # read back from disk, not re-tuned
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="warm up first"):

@@ -2,6 +2,8 @@
 
 Tuned configs live in ``$CNNKERNELS_CACHE_DIR/autotune.json`` (default
 ``~/.cache/cnnkernels/autotune.json``), keyed by kernel, GPU name, triton version and shape.
+Every tuning also appends each candidate's time, or why it failed, to ``autotune-timings.jsonl``
+beside it: how close the runners-up came, for whoever next changes the candidate lists.
 ``CNNKERNELS_AUTOTUNE=0`` turns tuning off: untuned shapes then use the first candidate.
 """
 
@@ -103,12 +105,13 @@ class Tuner:
                 )
             if compile_only is not None:
                 compile_concurrently(compile_only, candidates)
-            timings = []
+            timings, failures = [], []
             for config in candidates:
                 try:
                     timings.append((bench(config), config))
-                except Exception:  # e.g. out of shared memory for this tile on this GPU
-                    continue
+                except Exception as error:  # e.g. out of shared memory for this tile on this GPU
+                    failures.append((config, f"{type(error).__name__}: {str(error)[:200]}"))
+            _log_timings(full_key, timings, failures)
             if not timings:
                 return candidates[0]
             best = min(timings, key=lambda tc: tc[0])[1]
@@ -165,6 +168,21 @@ def _read_disk() -> dict:
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def _log_timings(full_key: str, timings, failures) -> None:
+    """Appends one JSON line: every candidate's median ms, fastest first, and the failures."""
+    record = {"key": full_key,
+              "ms": [[list(config), ms] for ms, config in sorted(timings, key=lambda tc: tc[0])],
+              "failed": [[list(config), why] for config, why in failures]}
+    path = os.path.join(os.path.dirname(cache_path()), "autotune-timings.jsonl")
+    with _disk_lock:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            warnings.warn(f"cnnkernels: could not log autotune timings to {path}: {e}")
 
 
 def _write_disk(full_key: str, config: Config) -> None:
