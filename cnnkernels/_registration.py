@@ -1,6 +1,8 @@
 """Python-side registrations for the ops: fake (meta) kernels for the C++ ops, and autograd
-for the Triton ops. The C++ ops' autograd is registered in C++ (csrc/autograd.cpp), with the
-same rules, so that their calls pay no Python.
+for the Triton ops: the same rule registered with torch.library (for the dispatcher: compile,
+dispatch modes) and as an autograd.Function (for plain eager calls, which skip the dispatcher's
+host cost; see triton_ops/_runtime.call_op). The C++ ops' autograd is registered in C++
+(csrc/autograd.cpp), with the same rules, so that their calls pay no Python.
 
 The backward saves only the output (for the ReLU mask) and the conv's operands. With a bias, one
 fused pass of our own (relu_backward_bias_grad, from the same backend as the forward) masks the
@@ -8,6 +10,8 @@ gradient and sums it per channel into the bias gradient; without one, aten.thres
 masks it. The masked gradient is the residual's gradient as it is, and aten.convolution_backward
 (cuDNN, oneDNN) gives the input and weight gradients.
 """
+from typing import Callable, NamedTuple
+
 import torch
 
 from ._args import output_memory_format
@@ -97,19 +101,43 @@ def _backward_add_relu(ctx, grad):
     return grad_pre_relu, grad_pre_relu
 
 
-def register_autograd(suffix, relu_backward_bias_grad=None):
-    """Registers autograd for cnnkernels::{conv2d_relu,conv2d_add_relu,add_relu}{suffix}; their
-    backward runs cnnkernels::relu_backward_bias_grad{suffix}, the same backend's kernel (or
-    the given callable that runs it)."""
-    lib = torch.library
-    if relu_backward_bias_grad is None:
-        relu_backward_bias_grad = getattr(torch.ops.cnnkernels, f"relu_backward_bias_grad{suffix}")
+class AutogradRule(NamedTuple):
+    op: str  # the op's name without backend suffix
+    setup_context: Callable
+    backward: Callable
+
+
+def autograd_rules(relu_backward_bias_grad):
+    """{op name without suffix: AutogradRule} for conv2d_relu, conv2d_add_relu and add_relu, whose
+    backward runs the given fused ReLU backward."""
     conv2d_relu_backward, conv2d_add_relu_backward = _conv_backwards(relu_backward_bias_grad)
-    lib.register_autograd(f"cnnkernels::conv2d_relu{suffix}", conv2d_relu_backward,
-                          setup_context=_setup_conv2d_relu)
-    lib.register_autograd(f"cnnkernels::conv2d_add_relu{suffix}", conv2d_add_relu_backward,
-                          setup_context=_setup_conv2d_add_relu)
-    lib.register_autograd(f"cnnkernels::add_relu{suffix}", _backward_add_relu, setup_context=_setup_add_relu)
+    rules = [AutogradRule("conv2d_relu", _setup_conv2d_relu, conv2d_relu_backward),
+             AutogradRule("conv2d_add_relu", _setup_conv2d_add_relu, conv2d_add_relu_backward),
+             AutogradRule("add_relu", _setup_add_relu, _backward_add_relu)]
+    return {rule.op: rule for rule in rules}
+
+
+def register_autograd(suffix, rules):
+    """Registers `rules` as the autograd of cnnkernels::{conv2d_relu,conv2d_add_relu,add_relu}{suffix}."""
+    for rule in rules.values():
+        torch.library.register_autograd(f"cnnkernels::{rule.op}{suffix}", rule.backward, setup_context=rule.setup_context)
+
+
+def autograd_function(body, rule: AutogradRule):
+    """An autograd.Function that runs `body` (an op's Python body) with the op's registered
+    autograd rule: the same backward, without the dispatcher's custom-op autograd around it."""
+
+    def forward(ctx, *args):
+        output = body(*args)
+        rule.setup_context(ctx, args, output)
+        return output
+
+    def backward(ctx, *grads):
+        return rule.backward(ctx, *grads)
+
+    # Named so that autograd graphs show cnnkernels_conv2d_reluBackward and the like.
+    return type(f"cnnkernels_{rule.op}", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
 def register_extension_ops():

@@ -330,10 +330,10 @@ def test_add_relu_other_aliases_input():
 
 
 def test_eager_calls_skip_the_dispatcher_unless_autograd_or_a_mode_needs_it(monkeypatch):
-    """Eager calls autograd does not track run the ops' bodies directly (the dispatcher's cost is
-    host time per call, benchmarks/host_overhead.py), and so does the backward's fused ReLU and
-    bias gradient; a grad-tracked forward takes the dispatcher, whose autograd kernel records the
-    backward, and under a dispatch mode every call does, so that the mode sees the ops."""
+    """Plain eager calls run the ops' bodies directly (the dispatcher's cost is host time per
+    call, benchmarks/host_overhead.py): a grad-tracked one inside an autograd.Function with the
+    op's registered rule, whose backward's fused ReLU and bias gradient runs directly too. Under a
+    dispatch mode every call takes the dispatcher, so that the mode sees the ops."""
     from cnnkernels.triton_ops import add_relu as add_relu_module, relu_backward
 
     calls = spy_op_calls(monkeypatch, (conv, "conv2d_relu_triton"), (conv, "conv2d_add_relu_triton"),
@@ -364,8 +364,9 @@ def test_eager_calls_skip_the_dispatcher_unless_autograd_or_a_mode_needs_it(monk
     w.requires_grad_()
     b.requires_grad_()
     out = triton_ops.conv2d_relu_triton(x, w, b, *geometry)
+    assert type(out.grad_fn).__name__ == "cnnkernels_conv2d_reluBackward"  # our autograd.Function's node
     out.backward(torch.ones_like(out))
-    assert calls == [("conv2d_relu_triton", "dispatcher"), ("relu_backward_bias_grad_triton", "direct")]
+    assert calls == [("conv2d_relu_triton", "direct"), ("relu_backward_bias_grad_triton", "direct")]
     w64, b64 = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
     torch.relu(F.conv2d(x.double(), w64, b64, padding=1)).backward(torch.ones_like(out, dtype=torch.float64))
     torch.testing.assert_close(b.grad, b64.grad.float())

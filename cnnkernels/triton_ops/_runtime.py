@@ -1,11 +1,14 @@
 """Facts about where and how the Triton kernels run: interpreter, fake tensors, devices, TF32."""
 
 import contextlib
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .._registration import autograd_function
 
 try:
     from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
@@ -54,29 +57,40 @@ def should_launch(kernel, *tensors) -> bool:
     return False
 
 
-def call_op(op, *args, mutated=()):
+def call_op(op, *args, mutated=(), autograd=None):
     """op(*args) for one of our torch.library.triton_op ops, straight into its Python body when
-    the call is plain eager work: plain tensors that autograd does not track here (as in an
-    autograd.Function's forward and backward), and nothing compiling, intercepting (dispatch
+    the call is plain eager work: plain tensors, and nothing compiling, intercepting (dispatch
     modes, functorch transforms) or profiling. The body (triton_op's eager kernel, which turns
     wrap_triton off itself) launches the Triton kernels, and the `mutated` tensors get the version
-    bump the op's ADInplaceOrView kernel would give them. The dispatcher's way there cost about
-    90 us per fused BN forward and backward pair on the CPU dev box (345-351 against 260-263 us,
-    benchmarks/results/2026-12-05_CPU-AMD-EPYC-2-threads_host-overhead.txt), and a training step
-    calls that pair once per BatchNorm. Any other call goes through the dispatcher."""
+    bump the op's ADInplaceOrView kernel would give them. A call that autograd tracks runs the
+    body inside an autograd.Function with the op's registered rule, `autograd` (an AutogradRule
+    of cnnkernels/_registration.py), or takes the dispatcher without one. Any other call goes
+    through the dispatcher.
+
+    The dispatcher's way cost, per call on the CPU dev box (benchmarks/results/
+    2026-12-05_CPU-AMD-EPYC-2-threads_host-overhead.txt): about 90 us per fused BN forward and
+    backward pair (345-351 against 260-263 us), 40 us per no-grad conv2d_relu (94 against
+    54 us) and ~90 us per conv2d_relu forward and backward; a training step pays them per layer."""
     body = getattr(op, "_init_fn", None)
     if (body is None or torch.compiler.is_compiling()
             or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()
             or torch.autograd.profiler._is_profiler_enabled
-            or any(isinstance(a, torch.Tensor) and (type(a) not in PLAIN_TENSORS
-                                                    or (a.requires_grad and torch.is_grad_enabled()))
-                   for a in args)):
+            or any(isinstance(a, torch.Tensor) and type(a) not in PLAIN_TENSORS for a in args)):
         return op(*args)
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        if autograd is None:
+            return op(*args)
+        return _autograd_function(op, autograd).apply(*args)
     result = body(*args)
     for t in mutated:
         if t is not None:
             torch.autograd.graph.increment_version(t)
     return result
+
+
+@functools.lru_cache(maxsize=None)
+def _autograd_function(op, rule):
+    return autograd_function(op._init_fn, rule)
 
 
 def launcher(kernel):
