@@ -68,9 +68,9 @@ def call_op(op, *args, mutated=(), autograd=None):
     through the dispatcher.
 
     The dispatcher's way cost, per call on the CPU dev box (benchmarks/results/
-    2026-12-05_CPU-AMD-EPYC-2-threads_host-overhead.txt): about 90 us per fused BN forward and
-    backward pair (345-351 against 260-263 us), 40 us per no-grad conv2d_relu (94 against
-    54 us) and ~90 us per conv2d_relu forward and backward; a training step pays them per layer."""
+    2026-12-05_CPU-AMD-EPYC-2-threads_host-overhead*.txt): about 90 us per fused BN forward and
+    backward pair (345-351 against 260-263 us), 35 us per no-grad conv2d_relu (90-94 against
+    57 us) and over 100 us per conv2d_relu forward and backward (489-541 against 374-385 us)."""
     body = getattr(op, "_init_fn", None)
     if (body is None or torch.compiler.is_compiling()
             or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()
