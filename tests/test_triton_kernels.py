@@ -20,7 +20,7 @@ from cnnkernels._args import output_memory_format
 from cnnkernels.triton_ops import _autotune, conv
 
 from conftest import HAVE_CUDA as HAS_CUDA  # conftest also chose the interpreter without a GPU
-from conftest import LogOps, spy_op_calls
+from conftest import LogOps, poisoned_outputs, spy_op_calls
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 pytestmark = pytest.mark.on_device  # on the GPU where there is one, else in the interpreter
@@ -114,9 +114,13 @@ TMA_CASES = [
 @pytest.fixture
 def descriptor_spy(monkeypatch):
     """Fresh launch plans, and a list of (weight, input, residual, output) flags, one per conv
-    launch: whether that operand was passed as a TMA tensor descriptor."""
+    launch: whether that operand was passed as a TMA tensor descriptor. Launches of the
+    output-box kernel also land in `descriptor_spy.boxes`, as their (images, rows, columns)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
-    launched = []
+    class Launches(list):
+        boxes = []
+
+    launched = Launches()
 
     class Spy:
         def __init__(self, kernel):
@@ -125,6 +129,8 @@ def descriptor_spy(monkeypatch):
         def __getitem__(self, grid):
             def run(*args, **kwargs):
                 launched.append(tuple(isinstance(args[i], TensorDescriptor) for i in (1, 0, 3, 4)))
+                if "BOX_N" in kwargs:
+                    launched.boxes.append((kwargs["BOX_N"], kwargs["BOX_H"], kwargs["BOX_W"]))
                 return self.kernel[grid](*args, **kwargs)
             return run
 
@@ -158,6 +164,47 @@ def test_conv_tma_descriptors_match_float64(monkeypatch, descriptor_spy, xs, ws,
     assert_tolerance_rule(out, x, w, b, *args, residual=residual)
     assert descriptor_spy == [expected]
     assert not any(holds_a_tensor(plan) for plan in conv._PLANS.values())
+
+
+BOX_CASES = [  # (input, weight, padding, dilation, channel offset, residual, (images, rows, columns) or None)
+    pytest.param((2, 32, 8, 8), (24, 32, 3, 3), (1, 1), (1, 1), 0, True, (2, 8, 8), id="3x3-padded"),
+    pytest.param((2, 40, 7, 7), (24, 40, 3, 3), (1, 1), (1, 1), 0, False, (2, 8, 8), id="clipped-at-edges-40-channels"),
+    pytest.param((2, 16, 12, 12), (16, 16, 5, 3), (4, 2), (2, 2), 0, True, (2, 4, 16), id="5x3-dilated"),
+    pytest.param((2, 24, 8, 8), (16, 24, 3, 3), (1, 1), (1, 1), 8, True, (2, 8, 8), id="channel-slice-view"),
+    pytest.param((2, 24, 8, 8), (16, 24, 3, 3), (1, 1), (1, 1), 2, True, None, id="misaligned-view-falls-back"),
+    pytest.param((2, 32, 8, 8), (24, 32, 1, 1), (0, 0), (1, 1), 0, True, None, id="1x1-is-the-plain-gemm"),
+]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="test_gpu_box_configs runs the output-box configs on the GPU")
+@pytest.mark.parametrize("xs,ws,padding,dilation,offset,with_residual,boxes", BOX_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_output_boxes_match_float64(monkeypatch, descriptor_spy, xs, ws, padding, dilation, offset,
+                                         with_residual, boxes, dtype):
+    """The output-box configs (_conv_boxes_kernel, Hopper candidates for stride-1 convs): every
+    operand through a TMA descriptor, the conv's padding from the descriptor's zero fill (negative
+    coordinates) and stores clipped at the edges; other layouts take the GEMM kernel."""
+    monkeypatch.setattr(conv, "_INTERPRETER", conv._INTERPRETER._replace(tma=True, boxes=True))
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    n, c, h, w_ = xs
+    big = torch.randn(n, c + 8, h, w_, dtype=dtype, device=DEVICE, generator=g)
+    x = big.contiguous(memory_format=torch.channels_last)[:, offset : offset + c]
+    w = torch.randn(ws, dtype=dtype, device=DEVICE, generator=g).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(ws[0], dtype=dtype, device=DEVICE, generator=g)
+    args = ([1, 1], list(padding), list(dilation), 1)
+    residual = None
+    if with_residual:
+        residual = torch.randn_like(F.conv2d(x, w, b, *args)).contiguous(memory_format=torch.channels_last)
+    with poisoned_outputs():
+        if with_residual:
+            out = triton_ops.conv2d_add_relu_triton(x, w, residual, b, *args)
+        else:
+            out = triton_ops.conv2d_relu_triton(x, w, b, *args)
+    assert_tolerance_rule(out, x, w, b, *args, residual=residual)
+    assert output_memory_format(out) == torch.channels_last
+    assert descriptor_spy.boxes == ([boxes] if boxes else [])
+    if boxes:
+        assert descriptor_spy == [(True, True, with_residual, True)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
@@ -704,6 +751,48 @@ GPU_TMA_CASES = [  # (input, weight, stride, padding, groups, (weight, input, re
     ((8, 128, 28, 28), (128, 128, 3, 3), 1, 1, 1, (True, False, True, True)),
     ((8, 8, 32, 32), (64, 8, 3, 4), 2, 1, 1, (True, False, True, True)),  # FLAT_K, kernel rows of 32 = BLOCK_K
 ]
+
+
+GPU_BOX_CASES = [  # (input, weight, padding, dilation, (images, rows, columns) the box config picks)
+    ((8, 64, 56, 56), (64, 64, 3, 3), 1, 1, (2, 8, 8)),
+    ((16, 128, 28, 28), (128, 128, 3, 3), 1, 1, (8, 4, 4)),
+    ((64, 256, 7, 7), (256, 256, 3, 3), 1, 1, (16, 1, 8)),  # clipped at the right edge
+    ((8, 64, 30, 30), (96, 64, 3, 3), 2, 2, (2, 2, 32)),  # dilated, clipped at the right edge
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_BOX_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_box_configs(monkeypatch, tmp_path, descriptor_spy, case, dtype):
+    """The output-box tuning candidates (Hopper, 16-bit, stride 1) against float64, with and
+    without a residual, and under CUDA-graph replay."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the output-box configs are Hopper candidates")
+    xs, ws, padding, dilation, boxes = case
+    monkeypatch.setattr(conv, "_HOPPER_16BIT", [c for c in conv._HOPPER_16BIT if c.boxes])
+    monkeypatch.setenv("CNNKERNELS_AUTOTUNE", "0")  # the first box config, whatever was tuned before
+    monkeypatch.setenv("CNNKERNELS_CACHE_DIR", str(tmp_path))
+    x = make_input(xs, dtype, "channels_last")
+    w = (torch.randn(ws, dtype=dtype, device="cuda") / (ws[1] * ws[2] * ws[3]) ** 0.5).contiguous(
+        memory_format=torch.channels_last)
+    b = torch.randn(ws[0], dtype=dtype, device="cuda")
+    args = ([1, 1], [padding] * 2, [dilation] * 2, 1)
+    residual = torch.randn_like(F.conv2d(x, w, b, *args))
+    with poisoned_outputs():
+        assert_tolerance_rule(triton_ops.conv2d_relu_triton(x, w, b, *args), x, w, b, *args)
+        call = lambda: triton_ops.conv2d_add_relu_triton(x, w, residual, b, *args)
+        out = call()
+    assert_tolerance_rule(out, x, w, b, *args, residual=residual)
+    assert descriptor_spy == [(True, True, False, True), (True, True, True, True)]
+    assert descriptor_spy.boxes == [boxes, boxes]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    x.normal_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, call())
 
 
 @pytest.mark.gpu

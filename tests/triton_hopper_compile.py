@@ -6,6 +6,8 @@ without a GPU: Triton's compiler and ptxas run on the CPU. Catches what the inte
 
 --quick (what CI runs, about a minute): bf16 and fp32 only, every layer kind once, with a
 residual. The full run (about 5 minutes on 2 cores) adds fp16, fp64 and both residual choices.
+--box-layers: the output-box configs only, at the 3x3 stride-1 layers of the benchmark (batch 64,
+bf16, with a residual), to show the boxes they pick and their registers.
 
 The ops run on CPU tensors with their launches replaced by compilation, so the same code that
 picks configs and arguments on a GPU picks them here. Prints one line per compiled kernel variant
@@ -82,6 +84,8 @@ def compile_for_hopper(kernel, args, kwargs):
         binary = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=HOPPER, options=options)
         ptx = binary.asm["ptx"]
         mma = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "no mma"
+        if re.search(r"wgmma\.mma_async[^\n]*\}, \{%r", ptx):
+            mma += " (A from registers)"
         if "cp.async.bulk.tensor" in ptx:
             mma += ", TMA loads"
         regs, local = registers_and_local_bytes(binary.asm["cubin"])
@@ -148,5 +152,16 @@ def main(quick):
     return 1 if failures else 0
 
 
+def box_layers():
+    conv._HOPPER_16BIT = [c for c in conv._HOPPER_16BIT if c.boxes]
+    for c, hw in ((64, 224), (64, 56), (128, 28), (256, 14), (512, 7)):
+        print(f"== {c}>{c} 3x3 @{hw}", flush=True)
+        x = torch.empty(64, c, hw, hw, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        w = torch.empty(c, c, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        conv._conv2d_fused(x, w, torch.empty_like(x), torch.empty(c, dtype=torch.bfloat16), (1, 1), (1, 1), (1, 1), 1)
+    print(f"{len(compiled)} kernel variants compiled for sm_90, {len(failures)} failed, {len(spilling)} spill")
+    return 1 if failures else 0
+
+
 if __name__ == "__main__":
-    sys.exit(main(quick="--quick" in sys.argv[1:]))
+    sys.exit(box_layers() if "--box-layers" in sys.argv[1:] else main(quick="--quick" in sys.argv[1:]))

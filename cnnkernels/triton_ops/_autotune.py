@@ -31,6 +31,7 @@ class Config(NamedTuple):
     num_warps: int
     num_stages: int
     tma: bool = False  # conv GEMM: load tiles through TMA tensor descriptors where eligible
+    boxes: bool = False  # conv, with tma: rows are (images x rows x columns) boxes of the output, see conv.py
 
 
 def cache_path() -> str:

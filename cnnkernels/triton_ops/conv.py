@@ -16,8 +16,11 @@ Depthwise convs (one input channel per group) use a separate elementwise kernel.
 
 On Hopper, some tuning candidates move tiles through TMA tensor descriptors built on the host per
 call: the weight tiles, the input tiles of 1x1 stride-1 convs (plain GEMMs), and the residual and
-output tiles of channels_last outputs; the tuner keeps them only where they measure faster.
-Traced calls (torch.compile) never use them.
+output tiles of channels_last outputs. Others (_conv_boxes_kernel, stride-1 convs) make a tile's
+rows a box of (images x rows x columns) output pixels, so that each kernel tap's input tile is
+one shifted 4-D box of the NHWC input: every operand moves by TMA, and the descriptor's zero fill
+is the padding. The tuner keeps them only where they measure faster. Traced calls
+(torch.compile) never use them.
 """
 
 import functools
@@ -235,6 +238,51 @@ def _conv_gemm_kernel(
 
 
 @triton.jit
+def _conv_boxes_kernel(
+    x_desc, w_desc, bias_ptr, res_desc, out_desc,
+    H_TILES, W_TILES, Cg, Kg, R, S, stride_b, pad_h, pad_w, dil_h, dil_w,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, INTERPRETED: tl.constexpr,
+    BOX_N: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The stride-1, groups-1 conv with every operand moved by TMA (Hopper tuning candidates).
+
+    A tile's rows are a (BOX_N images x BOX_H rows x BOX_W columns) box of output pixels. For
+    kernel tap (r, s) they read the same box of the NHWC input shifted by (r * dil - pad,
+    s * dil - pad): one 4-D descriptor load, whose zero fill outside the tensor is the conv's
+    padding (coordinates may be negative). Boxes never cross images, and the output store is
+    clipped at the tensor's edges. x_desc, res_desc and out_desc are (N, H, W, C) descriptors,
+    w_desc the (K, R*S*Cg) weight matrix's; channels past C read zeros, so the weight columns a
+    channel block reads past its tap meet zeros.
+    """
+    BLOCK_M: tl.constexpr = BOX_N * BOX_H * BOX_W
+    pid = tl.program_id(0)
+    pid_n = pid % tl.cdiv(Kg, BLOCK_N)  # output-channel tiles of one box run next to each other
+    box = pid // tl.cdiv(Kg, BLOCK_N)
+    n0 = (box // (H_TILES * W_TILES)) * BOX_N
+    oh0 = ((box // W_TILES) % H_TILES) * BOX_H
+    ow0 = (box % W_TILES) * BOX_W
+    k0 = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    c_blocks = tl.cdiv(Cg, BLOCK_K)
+    for t in range(0, R * S * c_blocks):
+        rs = t // c_blocks
+        c0 = (t - rs * c_blocks) * BLOCK_K
+        r = rs // S
+        s = rs - r * S
+        a = x_desc.load([n0, oh0 + r * dil_h - pad_h, ow0 + s * dil_w - pad_w, c0]).reshape(BLOCK_M, BLOCK_K)
+        b = w_desc.load([k0, rs * Cg + c0]).T
+        acc = _mma(a, b, acc, False, INTERPRETED, False)
+    if HAS_BIAS:
+        offs_k = k0 + tl.arange(0, BLOCK_N)
+        acc = acc + tl.load(bias_ptr + offs_k * stride_b, mask=offs_k < Kg, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:
+        acc = acc + res_desc.load([n0, oh0, ow0, k0]).reshape(BLOCK_M, BLOCK_N).to(tl.float32)
+    acc = tl.where(acc < 0, 0.0, acc)  # NaN passes, as in _fused_epilogue
+    out = store_cast(acc, out_desc.dtype, INTERPRETED)
+    out_desc.store([n0, oh0, ow0, k0], out.reshape(BOX_N, BOX_H, BOX_W, BLOCK_N))
+
+
+@triton.jit
 def _conv_depthwise_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
     H, W, OH, OW, M, K, Kg, R, S,
@@ -407,7 +455,7 @@ def unsupported_reasons(input, weight, bias=None, residual=None, stride=(1, 1), 
 # Launch
 # ---------------------------------------------------------------------------------------
 
-_gemm_tuner = _autotune.Tuner("conv2d_gemm.v2")  # v2: per-row stem reduction and TMA configs; v1 picks are stale
+_gemm_tuner = _autotune.Tuner("conv2d_gemm.v3")  # v3: output-box configs; older picks never saw them
 _depthwise_tuner = _autotune.Tuner("conv2d_depthwise")
 
 _C = _autotune.Config
@@ -422,6 +470,8 @@ _HOPPER_16BIT = [  # wgmma: M multiple of 64 per warpgroup, K = 64 per stage
     # TMA descriptors (weight, 1x1 input, residual and output tiles; see _tma_operands): unmeasured,
     # so only candidates (two, as every candidate costs a compile in the first call of each shape).
     _C(128, 128, 64, 8, 8, 3, True), _C(128, 64, 64, 8, 4, 4, True),
+    # Output boxes, every operand through TMA (_conv_boxes_kernel: stride-1 convs): unmeasured too.
+    _C(128, 128, 64, 8, 8, 3, True, True), _C(128, 64, 64, 8, 4, 4, True, True),
 ]
 _OTHER_16BIT = [
     _C(128, 128, 32, 8, 8, 4), _C(128, 128, 64, 8, 8, 3), _C(128, 64, 32, 8, 4, 4), _C(64, 128, 32, 8, 4, 4),
@@ -465,12 +515,75 @@ class _Matrix(NamedTuple):
 
 
 class _TmaOperands(NamedTuple):
-    """One value per conv GEMM operand that TMA can move. From _tma_operands: the matrix its
-    descriptor walks (None: it goes as a pointer); _launch_fn also keeps box shapes and tensors in it."""
+    """One value per conv operand that TMA can move: from _tma_operands, the matrix its descriptor
+    walks; for _launch_fn, its _Desc (None: it goes as a pointer)."""
     weight: Any = None
     input: Any = None
     residual: Any = None
     out: Any = None
+
+
+class _Desc(NamedTuple):
+    """How a TMA tensor descriptor walks one operand: shape, strides (the last one 1) and box."""
+    shape: tuple
+    strides: tuple
+    box: tuple
+
+
+_MIN_BOX_USE = 0.75  # the share of a box tiling's rows that are real output pixels, at least
+
+
+def _output_boxes(block_m, n, oh, ow):
+    """(images, rows, columns): the box of output pixels, block_m in all, whose tiling of an
+    (n, oh, ow) output wastes least at its edges, or None if the best wastes more than
+    1 - _MIN_BOX_USE. Among equals, fewer images per box (less input halo), then squarer, then
+    wider (longer runs of NHWC memory per box row)."""
+    best, best_rank = None, None
+    for log_w in range(block_m.bit_length()):
+        for log_h in range(block_m.bit_length() - log_w):
+            bw, bh = 1 << log_w, 1 << log_h
+            bn = block_m // (bw * bh)
+            if max(bn, bh, bw) > 256:  # TMA boxes are at most 256 per dimension
+                continue
+            use = 1.0
+            for size, box in ((n, bn), (oh, bh), (ow, bw)):
+                use *= size / (_runtime.cdiv(size, box) * box)
+            rank = (use, bh * bw, -abs(log_h - log_w), log_w)
+            if best_rank is None or rank > best_rank:
+                best, best_rank = (bn, bh, bw), rank
+    return best if best_rank[0] >= _MIN_BOX_USE else None
+
+
+def _box_operands(config, x_shape, x_strides, w_shape, w_stride_k, out_shape, out_strides, res_strides,
+                  stride, padding, groups, flat_k, dtype):
+    """((images, rows, columns) per output box, _TmaOperands of _Desc) for _conv_boxes_kernel, or
+    None where it cannot run or has no point: stride 1, groups 1, no FLAT_K, not a plain GEMM,
+    NHWC input and residual and a channels_last output with 16-byte strides."""
+    n, c, h, w_ = x_shape
+    k_out, cg, r, s = w_shape
+    plain_gemm = r * s == 1 and tuple(padding) == (0, 0)  # _conv_gemm_kernel's X_DESC case
+    if not (config.tma and config.boxes) or tuple(stride) != (1, 1) or groups != 1 or flat_k or plain_gemm:
+        return None
+    _, _, oh, ow = out_shape
+    size = dtype.itemsize
+
+    def nhwc(strides):  # (n, h, w, c) strides of an NHWC tensor TMA can walk, or None
+        sn, sc, sh, sw = strides
+        return (sn, sh, sw, 1) if sc == 1 and all(v * size % 16 == 0 for v in (sn, sh, sw)) else None
+
+    boxes = _output_boxes(config.block_m, n, oh, ow)
+    x, out = nhwc(x_strides), nhwc(out_strides)
+    res = nhwc(res_strides) if res_strides is not None else None
+    if (boxes is None or x is None or out is None or (res_strides is not None and res is None)
+            or w_stride_k * size % 16 or max(n, h, w_, c, oh, ow, k_out, r * s * cg) >= 2**31):
+        return None
+    bn, bh, bw = boxes
+    out_box = (bn, bh, bw, config.block_n)
+    return boxes, _TmaOperands(
+        weight=_Desc((k_out, r * s * cg), (w_stride_k, 1), (config.block_n, config.block_k)),
+        input=_Desc((n, h, w_, c), x, (bn, bh, bw, config.block_k)),
+        residual=_Desc((n, oh, ow, k_out), res, out_box) if res is not None else None,
+        out=_Desc((n, oh, ow, k_out), out, out_box))
 
 
 def _pixel_rows(shape, strides, size) -> Optional[_Matrix]:
@@ -559,28 +672,25 @@ def _conv2d_fused(input, weight, residual, bias, stride, padding, dilation, grou
     return out
 
 
-def _launch_fn(kernel_fn, grid, constants, tma=_TmaOperands(), plain_twin=None):
+def _launch_fn(kernel_fn, grid, constants, descs=_TmaOperands(), plain_twin=None):
     """launch(x, weight, bias, residual, out, compile_only=False) for a kernel with its grid and
     non-tensor arguments fixed; compile_only compiles without launching (Triton's warmup). Unused
     pointer arguments get x (only ever read): HAS_BIAS / HAS_RES keep them untouched.
 
-    Operands with a matrix in `tma` go as TMA descriptors built per call, or, when one of their
+    Operands with a _Desc in `descs` go as TMA descriptors built per call, or, when one of their
     base pointers is not 16-byte aligned (sliced views), through the plain twin config's launch."""
     kernel = _runtime.launcher(kernel_fn)[grid]
-    block_m, block_n, block_k = constants.get("BLOCK_M"), constants.get("BLOCK_N"), constants.get("BLOCK_K")
-    blocks = _TmaOperands(weight=[block_n, block_k], input=[block_m, block_k], residual=[block_m, block_n],
-                          out=[block_m, block_n])
-    described = [(i, matrix, block) for i, (matrix, block) in enumerate(zip(tma, blocks)) if matrix is not None]
+    described = [(i, desc) for i, desc in enumerate(descs) if desc is not None]
 
     def launch(x, weight, bias, residual, out, compile_only=False):
         w_arg, x_arg, res_arg, out_arg = weight, x, residual, out
         if described:
             tensors = _TmaOperands(weight, x, residual, out)
             args = list(tensors)
-            for i, matrix, block in described:
+            for i, desc in described:
                 if tensors[i].data_ptr() % 16:
                     return plain_twin(x, weight, bias, residual, out, compile_only)
-                args[i] = TensorDescriptor(tensors[i], [matrix.rows, matrix.cols], [matrix.row_stride, 1], block)
+                args[i] = TensorDescriptor(tensors[i], list(desc.shape), list(desc.strides), list(desc.box))
             w_arg, x_arg, res_arg, out_arg = args
         args = (x_arg, w_arg, x if bias is None else bias, x if residual is None else res_arg, out_arg)
         if compile_only:
@@ -653,7 +763,25 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
                                  res_strides if residual is not None else None, stride, padding, groups,
                                  flat_k, input.dtype)
 
+        def box_operands(config):
+            return _box_operands(config, input.shape, x_strides, weight.shape, w_stride_k, out_shape, out_strides,
+                                 res_strides if residual is not None else None, stride, padding, groups, flat_k,
+                                 input.dtype)
+
         def launch_with(config):
+            plain_twin = config._replace(tma=False, boxes=False)
+            boxed = box_operands(config)
+            if boxed is not None:
+                (bn, bh, bw), descs = boxed
+                h_tiles, w_tiles = _runtime.cdiv(oh, bh), _runtime.cdiv(ow, bw)
+                grid = (_runtime.cdiv(n_img, bn) * h_tiles * w_tiles * _runtime.cdiv(kg, config.block_n),)
+                constants = dict(H_TILES=h_tiles, W_TILES=w_tiles, Cg=cg, Kg=kg, R=r, S=s, stride_b=common["stride_b"],
+                                 pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0], dil_w=dilation[1],
+                                 HAS_BIAS=bias is not None, HAS_RES=residual is not None, INTERPRETED=interpreted,
+                                 BOX_N=bn, BOX_H=bh, BOX_W=bw, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                                 num_warps=config.num_warps, num_stages=config.num_stages)
+                return _launch_fn(_conv_boxes_kernel, grid, constants, descs, launch_with(plain_twin))
+            config = config._replace(boxes=False)
             grid = (groups * _runtime.cdiv(rows, config.block_m) * _runtime.cdiv(kg, config.block_n),)
             tma = tma_operands(config)
             constants = dict(Cg=cg, Kg=kg, swk=w_stride_k, FLAT_K=flat_k, EVEN_C=cg % config.block_k == 0,
@@ -664,14 +792,24 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
                              R_DESC=tma.residual is not None, O_DESC=tma.out is not None, **common)
             if not any(tma):
                 return _launch_fn(_conv_gemm_kernel, grid, constants)
-            return _launch_fn(_conv_gemm_kernel, grid, constants, tma, launch_with(config._replace(tma=False)))
+            boxes = _TmaOperands(weight=(config.block_n, config.block_k), input=(config.block_m, config.block_k),
+                                 residual=(config.block_m, config.block_n), out=(config.block_m, config.block_n))
+            descs = _TmaOperands(*(None if m is None else _Desc((m.rows, m.cols), (m.row_stride, 1), box)
+                                   for m, box in zip(tma, boxes)))
+            return _launch_fn(_conv_gemm_kernel, grid, constants, descs, launch_with(plain_twin))
 
         reduction = s * cg if flat_k else cg  # per reduction step
         candidates = _gemm_candidates(input.dtype, input.device, hint(rows), hint(kg), hint(reduction), interpreted)
         # Descriptors cannot be traced (torch.compile's wrap_triton does not capture host TMA
         # descriptors), and a config whose descriptors are ineligible here is its plain twin.
-        candidates = list(dict.fromkeys(
-            c if not fake and any(tma_operands(c)) else c._replace(tma=False) for c in candidates))
+        def eligible(c):  # the config as it would run here
+            if fake:
+                return c._replace(tma=False, boxes=False)
+            if c.boxes and box_operands(c) is None:
+                c = c._replace(boxes=False)
+            return c if c.boxes or any(tma_operands(c)) else c._replace(tma=False)
+
+        candidates = list(dict.fromkeys(eligible(c) for c in candidates))
         tuner = _gemm_tuner
         shape_key = shape_key + (allow_tf32,)
 
@@ -695,7 +833,7 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
 
         config = tuner.pick(input.device, shape_key, candidates, bench, can_run=not fake, compile_only=compile_only)
     if fake:
-        config = config._replace(tma=False)  # a tuned TMA choice, while tracing
+        config = config._replace(tma=False, boxes=False)  # a tuned TMA choice, while tracing
     return _Plan(out_shape, out_format, copy_input, pack_weight, launch_with(config))
 
 
