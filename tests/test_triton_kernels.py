@@ -168,23 +168,28 @@ def test_conv_tma_descriptors_match_float64(monkeypatch, descriptor_spy, xs, ws,
 
 BOX_CASES = [  # (input, weight, padding, dilation, channel offset, residual, (images, rows, columns) or None)
     pytest.param((2, 32, 8, 8), (24, 32, 3, 3), (1, 1), (1, 1), 0, True, (2, 8, 8), id="3x3-padded"),
+    pytest.param((4, 32, 16, 16), (80, 32, 3, 3), (1, 1), (1, 1), 0, True, (1, 8, 16), id="16-tiles"),
     pytest.param((2, 40, 7, 7), (24, 40, 3, 3), (1, 1), (1, 1), 0, False, (2, 8, 8), id="clipped-at-edges-40-channels"),
     pytest.param((2, 16, 12, 12), (16, 16, 5, 3), (4, 2), (2, 2), 0, True, (2, 4, 16), id="5x3-dilated"),
     pytest.param((2, 24, 8, 8), (16, 24, 3, 3), (1, 1), (1, 1), 8, True, (2, 8, 8), id="channel-slice-view"),
     pytest.param((2, 24, 8, 8), (16, 24, 3, 3), (1, 1), (1, 1), 2, True, None, id="misaligned-view-falls-back"),
-    pytest.param((2, 32, 8, 8), (24, 32, 1, 1), (0, 0), (1, 1), 0, True, None, id="1x1-is-the-plain-gemm"),
+    pytest.param((2, 32, 8, 8), (24, 32, 1, 1), (0, 0), (1, 1), 0, True, "persistent only", id="1x1-plain-gemm"),
 ]
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="test_gpu_box_configs runs the output-box configs on the GPU")
 @pytest.mark.parametrize("xs,ws,padding,dilation,offset,with_residual,boxes", BOX_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("persistent", [False, True])
 def test_conv_output_boxes_match_float64(monkeypatch, descriptor_spy, xs, ws, padding, dilation, offset,
-                                         with_residual, boxes, dtype):
+                                         with_residual, boxes, dtype, persistent):
     """The output-box configs (_conv_boxes_kernel, Hopper candidates for stride-1 convs): every
     operand through a TMA descriptor, the conv's padding from the descriptor's zero fill (negative
-    coordinates) and stores clipped at the edges; other layouts take the GEMM kernel."""
-    monkeypatch.setattr(conv, "_INTERPRETER", conv._INTERPRETER._replace(tma=True, boxes=True))
+    coordinates) and stores clipped at the edges; other layouts take the GEMM kernel, as do plain
+    GEMMs (1x1, unpadded) unless persistent. Persistent, 4 programs walk the tiles here."""
+    monkeypatch.setattr(conv, "_INTERPRETER", conv._INTERPRETER._replace(tma=True, boxes=True, persistent=persistent))
+    if boxes == "persistent only":  # as one image of N*H*W pixels in a row: runs of 128 pixels
+        boxes = (1, 1, 128) if persistent else None
     g = torch.Generator(device=DEVICE).manual_seed(3)
     n, c, h, w_ = xs
     big = torch.randn(n, c + 8, h, w_, dtype=dtype, device=DEVICE, generator=g)
@@ -758,19 +763,21 @@ GPU_BOX_CASES = [  # (input, weight, padding, dilation, (images, rows, columns) 
     ((16, 128, 28, 28), (128, 128, 3, 3), 1, 1, (8, 4, 4)),
     ((64, 256, 7, 7), (256, 256, 3, 3), 1, 1, (16, 1, 8)),  # clipped at the right edge
     ((8, 64, 30, 30), (96, 64, 3, 3), 2, 2, (2, 2, 32)),  # dilated, clipped at the right edge
+    ((32, 256, 14, 14), (1024, 256, 1, 1), 0, 1, (1, 1, 128)),  # a plain GEMM: persistent configs only
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_BOX_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_box_configs(monkeypatch, tmp_path, descriptor_spy, case, dtype):
-    """The output-box tuning candidates (Hopper, 16-bit, stride 1) against float64, with and
-    without a residual, and under CUDA-graph replay."""
+@pytest.mark.parametrize("persistent", [False, True])
+def test_gpu_box_configs(monkeypatch, tmp_path, descriptor_spy, case, dtype, persistent):
+    """The output-box tuning candidates (Hopper, 16-bit, stride 1; one program per tile or per
+    SM) against float64, with and without a residual, and under CUDA-graph replay."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the output-box configs are Hopper candidates")
     xs, ws, padding, dilation, boxes = case
-    monkeypatch.setattr(conv, "_HOPPER_16BIT", [c for c in conv._HOPPER_16BIT if c.boxes])
+    monkeypatch.setattr(conv, "_HOPPER_16BIT", [c for c in conv._HOPPER_16BIT if c.boxes and c.persistent == persistent])
     monkeypatch.setenv("CNNKERNELS_AUTOTUNE", "0")  # the first box config, whatever was tuned before
     monkeypatch.setenv("CNNKERNELS_CACHE_DIR", str(tmp_path))
     x = make_input(xs, dtype, "channels_last")
@@ -785,7 +792,8 @@ def test_gpu_box_configs(monkeypatch, tmp_path, descriptor_spy, case, dtype):
         out = call()
     assert_tolerance_rule(out, x, w, b, *args, residual=residual)
     assert descriptor_spy == [(True, True, False, True), (True, True, True, True)]
-    assert descriptor_spy.boxes == [boxes, boxes]
+    plain_gemm = ws[2] == ws[3] == 1 and padding == 0  # without persistence, the GEMM kernel's X_DESC case
+    assert descriptor_spy.boxes == ([] if plain_gemm and not persistent else [boxes, boxes])
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = call()
@@ -803,7 +811,7 @@ def test_gpu_tma_configs(monkeypatch, tmp_path, descriptor_spy, case, dtype):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the TMA configs are Hopper candidates")
     xs, ws, stride, padding, groups, expected = case
-    monkeypatch.setattr(conv, "_HOPPER_16BIT", [c for c in conv._HOPPER_16BIT if c.tma])
+    monkeypatch.setattr(conv, "_HOPPER_16BIT", [c for c in conv._HOPPER_16BIT if c.tma and not c.boxes])
     monkeypatch.setenv("CNNKERNELS_AUTOTUNE", "0")  # the first TMA config, whatever was tuned before
     monkeypatch.setenv("CNNKERNELS_CACHE_DIR", str(tmp_path))
     x = make_input(xs, dtype, "channels_last")

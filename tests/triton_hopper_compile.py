@@ -6,8 +6,8 @@ without a GPU: Triton's compiler and ptxas run on the CPU. Catches what the inte
 
 --quick (what CI runs, about a minute): bf16 and fp32 only, every layer kind once, with a
 residual. The full run (about 5 minutes on 2 cores) adds fp16, fp64 and both residual choices.
---box-layers: the output-box configs only, at the 3x3 stride-1 layers of the benchmark (batch 64,
-bf16, with a residual), to show the boxes they pick and their registers.
+--box-layers: the output-box configs only, at stride-1 layers of the benchmark (batch 64, bf16,
+with a residual), to show the boxes they pick and their registers (1x1 layers: persistent only).
 
 The ops run on CPU tensors with their launches replaced by compilation, so the same code that
 picks configs and arguments on a GPU picks them here. Prints one line per compiled kernel variant
@@ -154,11 +154,14 @@ def main(quick):
 
 def box_layers():
     conv._HOPPER_16BIT = [c for c in conv._HOPPER_16BIT if c.boxes]
-    for c, hw in ((64, 224), (64, 56), (128, 28), (256, 14), (512, 7)):
-        print(f"== {c}>{c} 3x3 @{hw}", flush=True)
+    for c, k, hw, ks in ((64, 64, 224, 3), (64, 64, 56, 3), (128, 128, 28, 3), (256, 256, 14, 3), (512, 512, 7, 3),
+                         (256, 64, 56, 1), (64, 256, 56, 1), (1024, 256, 14, 1), (512, 2048, 7, 1)):
+        print(f"== {c}>{k} {ks}x{ks} @{hw}", flush=True)
         x = torch.empty(64, c, hw, hw, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        w = torch.empty(c, c, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        conv._conv2d_fused(x, w, torch.empty_like(x), torch.empty(c, dtype=torch.bfloat16), (1, 1), (1, 1), (1, 1), 1)
+        w = torch.empty(k, c, ks, ks, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        res = torch.empty(64, k, hw, hw, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        pad = (ks // 2, ks // 2)
+        conv._conv2d_fused(x, w, res, torch.empty(k, dtype=torch.bfloat16), (1, 1), pad, (1, 1), 1)
     print(f"{len(compiled)} kernel variants compiled for sm_90, {len(failures)} failed, {len(spilling)} spill")
     return 1 if failures else 0
 

@@ -32,6 +32,7 @@ class Config(NamedTuple):
     num_stages: int
     tma: bool = False  # conv GEMM: load tiles through TMA tensor descriptors where eligible
     boxes: bool = False  # conv, with tma: rows are (images x rows x columns) boxes of the output, see conv.py
+    persistent: bool = False  # conv, with boxes: one program per SM walks the tiles
 
 
 def cache_path() -> str:

@@ -114,6 +114,19 @@ def cdiv(a, b):
     return (a + b - 1) // b
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def program_slots(device: torch.device) -> int:
+    """How many programs a persistent kernel launches: one per SM of a GPU; 4 for the
+    interpreter on the CPU, so that its tests see programs walking several tiles."""
+    if device.type != "cuda":
+        return 4
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def next_power_of_2(n: int) -> int:
     """The smallest power of 2 at least n (1 for n <= 1)."""
     return 1 << max(0, int(n) - 1).bit_length()

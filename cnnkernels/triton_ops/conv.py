@@ -240,9 +240,10 @@ def _conv_gemm_kernel(
 @triton.jit
 def _conv_boxes_kernel(
     x_desc, w_desc, bias_ptr, res_desc, out_desc,
-    H_TILES, W_TILES, Cg, Kg, R, S, stride_b, pad_h, pad_w, dil_h, dil_w,
+    TILES, H_TILES, W_TILES, Cg, Kg, R, S, stride_b, pad_h, pad_w, dil_h, dil_w,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, INTERPRETED: tl.constexpr,
     BOX_N: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
     """The stride-1, groups-1 conv with every operand moved by TMA (Hopper tuning candidates).
 
@@ -253,15 +254,38 @@ def _conv_boxes_kernel(
     clipped at the tensor's edges. x_desc, res_desc and out_desc are (N, H, W, C) descriptors,
     w_desc the (K, R*S*Cg) weight matrix's; channels past C read zeros, so the weight columns a
     channel block reads past its tap meet zeros.
+
+    One program per tile of the TILES or, PERSISTENT, one per SM walking tiles pid, pid +
+    programs, ... in a loop Triton flattens, so that a tile's epilogue overlaps the next tile's
+    first loads (short reductions, as in 1x1 and 64-channel layers, are mostly that). The loop
+    is not there otherwise: around a single tile it costs registers and shared memory.
     """
+    if PERSISTENT:
+        for tile in tl.range(tl.program_id(0), TILES, tl.num_programs(0), flatten=True):
+            _conv_box_tile(x_desc, w_desc, bias_ptr, res_desc, out_desc, tile, H_TILES, W_TILES, Cg, Kg, R, S,
+                           stride_b, pad_h, pad_w, dil_h, dil_w, HAS_BIAS, HAS_RES, INTERPRETED,
+                           BOX_N, BOX_H, BOX_W, BLOCK_N, BLOCK_K)
+    else:
+        _conv_box_tile(x_desc, w_desc, bias_ptr, res_desc, out_desc, tl.program_id(0), H_TILES, W_TILES, Cg, Kg,
+                       R, S, stride_b, pad_h, pad_w, dil_h, dil_w, HAS_BIAS, HAS_RES, INTERPRETED,
+                       BOX_N, BOX_H, BOX_W, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _conv_box_tile(
+    x_desc, w_desc, bias_ptr, res_desc, out_desc, tile, H_TILES, W_TILES, Cg, Kg, R, S,
+    stride_b, pad_h, pad_w, dil_h, dil_w, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, INTERPRETED: tl.constexpr,
+    BOX_N: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One output tile of _conv_boxes_kernel: its reduction over taps and channel blocks, then
+    bias, residual, ReLU and the store."""
     BLOCK_M: tl.constexpr = BOX_N * BOX_H * BOX_W
-    pid = tl.program_id(0)
-    pid_n = pid % tl.cdiv(Kg, BLOCK_N)  # output-channel tiles of one box run next to each other
-    box = pid // tl.cdiv(Kg, BLOCK_N)
+    k_tiles = tl.cdiv(Kg, BLOCK_N)
+    k0 = (tile % k_tiles) * BLOCK_N  # output-channel tiles of one box run next to each other
+    box = tile // k_tiles
     n0 = (box // (H_TILES * W_TILES)) * BOX_N
     oh0 = ((box // W_TILES) % H_TILES) * BOX_H
     ow0 = (box % W_TILES) * BOX_W
-    k0 = pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     c_blocks = tl.cdiv(Cg, BLOCK_K)
     for t in range(0, R * S * c_blocks):
@@ -470,8 +494,10 @@ _HOPPER_16BIT = [  # wgmma: M multiple of 64 per warpgroup, K = 64 per stage
     # TMA descriptors (weight, 1x1 input, residual and output tiles; see _tma_operands): unmeasured,
     # so only candidates (two, as every candidate costs a compile in the first call of each shape).
     _C(128, 128, 64, 8, 8, 3, True), _C(128, 64, 64, 8, 4, 4, True),
-    # Output boxes, every operand through TMA (_conv_boxes_kernel: stride-1 convs): unmeasured too.
+    # Output boxes, every operand through TMA (_conv_boxes_kernel: stride-1 convs), one program per
+    # tile or, persistent, per SM (1x1 convs too): unmeasured too.
     _C(128, 128, 64, 8, 8, 3, True, True), _C(128, 64, 64, 8, 4, 4, True, True),
+    _C(128, 128, 64, 8, 8, 3, True, True, True), _C(128, 64, 64, 8, 4, 4, True, True, True),
 ]
 _OTHER_16BIT = [
     _C(128, 128, 32, 8, 8, 4), _C(128, 128, 64, 8, 8, 3), _C(128, 64, 32, 8, 4, 4), _C(64, 128, 32, 8, 4, 4),
@@ -556,34 +582,45 @@ def _output_boxes(block_m, n, oh, ow):
 
 def _box_operands(config, x_shape, x_strides, w_shape, w_stride_k, out_shape, out_strides, res_strides,
                   stride, padding, groups, flat_k, dtype):
-    """((images, rows, columns) per output box, _TmaOperands of _Desc) for _conv_boxes_kernel, or
-    None where it cannot run or has no point: stride 1, groups 1, no FLAT_K, not a plain GEMM,
-    NHWC input and residual and a channels_last output with 16-byte strides."""
-    n, c, h, w_ = x_shape
+    """For _conv_boxes_kernel: ((images, rows, columns) per box, the (images, rows, columns) of
+    output the boxes tile, _TmaOperands of _Desc), or None where it cannot run or has no point.
+    It needs stride 1, groups 1, no FLAT_K, an NHWC input and residual and a channels_last output
+    with 16-byte strides; a plain GEMM (1x1, unpadded) has _conv_gemm_kernel's X_DESC, so only its
+    persistent config is new."""
     k_out, cg, r, s = w_shape
-    plain_gemm = r * s == 1 and tuple(padding) == (0, 0)  # _conv_gemm_kernel's X_DESC case
-    if not (config.tma and config.boxes) or tuple(stride) != (1, 1) or groups != 1 or flat_k or plain_gemm:
+    plain_gemm = r * s == 1 and tuple(padding) == (0, 0)
+    if (not (config.tma and config.boxes) or tuple(stride) != (1, 1) or groups != 1 or flat_k
+            or (plain_gemm and not config.persistent) or w_stride_k * dtype.itemsize % 16):
         return None
-    _, _, oh, ow = out_shape
-    size = dtype.itemsize
 
-    def nhwc(strides):  # (n, h, w, c) strides of an NHWC tensor TMA can walk, or None
+    def nhwc(shape, strides):  # (shape, strides) of the (N, H, W, C) view TMA walks, or None
+        n, c, h, w = shape
         sn, sc, sh, sw = strides
-        return (sn, sh, sw, 1) if sc == 1 and all(v * size % 16 == 0 for v in (sn, sh, sw)) else None
+        aligned = all(v * dtype.itemsize % 16 == 0 for v in (sn, sh, sw)) and max(shape) < 2**31
+        return ((n, h, w, c), (sn, sh, sw, 1)) if sc == 1 and aligned else None
 
-    boxes = _output_boxes(config.block_m, n, oh, ow)
-    x, out = nhwc(x_strides), nhwc(out_strides)
-    res = nhwc(res_strides) if res_strides is not None else None
-    if (boxes is None or x is None or out is None or (res_strides is not None and res is None)
-            or w_stride_k * size % 16 or max(n, h, w_, c, oh, ow, k_out, r * s * cg) >= 2**31):
+    def pixel_run(shape, strides):
+        # One image of N*H*W pixels in a row (dense NHWC only): boxes are then runs of block_m
+        # pixels, and the tile needs no reshape, so Triton feeds wgmma its input tile straight
+        # from shared memory instead of through registers.
+        m = _pixel_rows(shape, strides, dtype.itemsize)
+        return None if m is None else ((1, 1, m.rows, m.cols), (m.rows * m.row_stride,) * 2 + (m.row_stride, 1))
+
+    view = pixel_run if plain_gemm else nhwc
+    x, out = view(x_shape, x_strides), view(out_shape, out_strides)
+    res = view(out_shape, res_strides) if res_strides is not None else None
+    if x is None or out is None or (res_strides is not None and res is None):
+        return None
+    boxes = (1, 1, config.block_m) if plain_gemm else _output_boxes(config.block_m, *out[0][:3])
+    if boxes is None:
         return None
     bn, bh, bw = boxes
     out_box = (bn, bh, bw, config.block_n)
-    return boxes, _TmaOperands(
+    return boxes, out[0][:3], _TmaOperands(
         weight=_Desc((k_out, r * s * cg), (w_stride_k, 1), (config.block_n, config.block_k)),
-        input=_Desc((n, h, w_, c), x, (bn, bh, bw, config.block_k)),
-        residual=_Desc((n, oh, ow, k_out), res, out_box) if res is not None else None,
-        out=_Desc((n, oh, ow, k_out), out, out_box))
+        input=_Desc(*x, (bn, bh, bw, config.block_k)),
+        residual=_Desc(*res, out_box) if res is not None else None,
+        out=_Desc(*out, out_box))
 
 
 def _pixel_rows(shape, strides, size) -> Optional[_Matrix]:
@@ -769,19 +806,21 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
                                  input.dtype)
 
         def launch_with(config):
-            plain_twin = config._replace(tma=False, boxes=False)
+            plain_twin = config._replace(tma=False, boxes=False, persistent=False)
             boxed = box_operands(config)
             if boxed is not None:
-                (bn, bh, bw), descs = boxed
-                h_tiles, w_tiles = _runtime.cdiv(oh, bh), _runtime.cdiv(ow, bw)
-                grid = (_runtime.cdiv(n_img, bn) * h_tiles * w_tiles * _runtime.cdiv(kg, config.block_n),)
-                constants = dict(H_TILES=h_tiles, W_TILES=w_tiles, Cg=cg, Kg=kg, R=r, S=s, stride_b=common["stride_b"],
-                                 pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0], dil_w=dilation[1],
-                                 HAS_BIAS=bias is not None, HAS_RES=residual is not None, INTERPRETED=interpreted,
-                                 BOX_N=bn, BOX_H=bh, BOX_W=bw, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                (bn, bh, bw), (images, out_h, out_w), descs = boxed
+                h_tiles, w_tiles = _runtime.cdiv(out_h, bh), _runtime.cdiv(out_w, bw)
+                tiles = _runtime.cdiv(images, bn) * h_tiles * w_tiles * _runtime.cdiv(kg, config.block_n)
+                grid = (min(tiles, _runtime.program_slots(input.device)) if config.persistent else tiles,)
+                constants = dict(TILES=tiles, H_TILES=h_tiles, W_TILES=w_tiles, Cg=cg, Kg=kg, R=r, S=s,
+                                 stride_b=common["stride_b"], pad_h=padding[0], pad_w=padding[1],
+                                 dil_h=dilation[0], dil_w=dilation[1], HAS_BIAS=bias is not None,
+                                 HAS_RES=residual is not None, INTERPRETED=interpreted, BOX_N=bn, BOX_H=bh, BOX_W=bw,
+                                 BLOCK_N=config.block_n, BLOCK_K=config.block_k, PERSISTENT=config.persistent,
                                  num_warps=config.num_warps, num_stages=config.num_stages)
                 return _launch_fn(_conv_boxes_kernel, grid, constants, descs, launch_with(plain_twin))
-            config = config._replace(boxes=False)
+            config = config._replace(boxes=False, persistent=False)
             grid = (groups * _runtime.cdiv(rows, config.block_m) * _runtime.cdiv(kg, config.block_n),)
             tma = tma_operands(config)
             constants = dict(Cg=cg, Kg=kg, swk=w_stride_k, FLAT_K=flat_k, EVEN_C=cg % config.block_k == 0,
@@ -804,9 +843,9 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
         # descriptors), and a config whose descriptors are ineligible here is its plain twin.
         def eligible(c):  # the config as it would run here
             if fake:
-                return c._replace(tma=False, boxes=False)
+                return c._replace(tma=False, boxes=False, persistent=False)
             if c.boxes and box_operands(c) is None:
-                c = c._replace(boxes=False)
+                c = c._replace(boxes=False, persistent=False)
             return c if c.boxes or any(tma_operands(c)) else c._replace(tma=False)
 
         candidates = list(dict.fromkeys(eligible(c) for c in candidates))
@@ -833,7 +872,7 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
 
         config = tuner.pick(input.device, shape_key, candidates, bench, can_run=not fake, compile_only=compile_only)
     if fake:
-        config = config._replace(tma=False, boxes=False)  # a tuned TMA choice, while tracing
+        config = config._replace(tma=False, boxes=False, persistent=False)  # a tuned TMA choice, while tracing
     return _Plan(out_shape, out_format, copy_input, pack_weight, launch_with(config))
 
 
