@@ -139,6 +139,18 @@ def descriptor_spy(monkeypatch):
     return launched
 
 
+def channel_view_operands(xs, ws, offset, dtype):
+    """An input of shape xs that is channels offset.. of a channels_last tensor with 8 more
+    channels (offset 0: a plain channels_last tensor's leading channels), a channels_last
+    weight and a bias, from a fixed seed."""
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    n, c, h, w_ = xs
+    big = torch.randn(n, c + 8, h, w_, dtype=dtype, device=DEVICE, generator=g)
+    x = big.contiguous(memory_format=torch.channels_last)[:, offset : offset + c]
+    w = torch.randn(ws, dtype=dtype, device=DEVICE, generator=g).contiguous(memory_format=torch.channels_last)
+    return x, w, torch.randn(ws[0], dtype=dtype, device=DEVICE, generator=g)
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="test_gpu_tma_configs runs the TMA configs on the GPU")
 @pytest.mark.parametrize("xs,ws,stride,padding,groups,offset,expected", TMA_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -147,12 +159,7 @@ def test_conv_tma_descriptors_match_float64(monkeypatch, descriptor_spy, xs, ws,
     """The TMA configs (tuning candidates on Hopper) move tiles through tensor descriptors where
     the layouts allow, and use pointers elsewhere, with the same results."""
     monkeypatch.setattr(conv, "_INTERPRETER", conv._INTERPRETER._replace(tma=True))
-    g = torch.Generator(device=DEVICE).manual_seed(2)
-    n, c, h, w_ = xs
-    big = torch.randn(n, c + 8, h, w_, dtype=dtype, device=DEVICE, generator=g)
-    x = big.contiguous(memory_format=torch.channels_last)[:, offset : offset + c]
-    w = torch.randn(ws, dtype=dtype, device=DEVICE, generator=g).contiguous(memory_format=torch.channels_last)
-    b = torch.randn(ws[0], dtype=dtype, device=DEVICE, generator=g)
+    x, w, b = channel_view_operands(xs, ws, offset, dtype)
     args = ([stride] * 2, [padding] * 2, [1, 1], groups)
     residual = torch.randn_like(F.conv2d(x, w, b, *args)).contiguous(memory_format=torch.channels_last)
     previous = torch.are_deterministic_algorithms_enabled()
@@ -190,12 +197,7 @@ def test_conv_output_boxes_match_float64(monkeypatch, descriptor_spy, xs, ws, pa
     monkeypatch.setattr(conv, "_INTERPRETER", conv._INTERPRETER._replace(tma=True, boxes=True, persistent=persistent))
     if boxes == "persistent only":  # as one image of N*H*W pixels in a row: runs of 128 pixels
         boxes = (1, 1, 128) if persistent else None
-    g = torch.Generator(device=DEVICE).manual_seed(3)
-    n, c, h, w_ = xs
-    big = torch.randn(n, c + 8, h, w_, dtype=dtype, device=DEVICE, generator=g)
-    x = big.contiguous(memory_format=torch.channels_last)[:, offset : offset + c]
-    w = torch.randn(ws, dtype=dtype, device=DEVICE, generator=g).contiguous(memory_format=torch.channels_last)
-    b = torch.randn(ws[0], dtype=dtype, device=DEVICE, generator=g)
+    x, w, b = channel_view_operands(xs, ws, offset, dtype)
     args = ([1, 1], list(padding), list(dilation), 1)
     residual = None
     if with_residual:
@@ -777,13 +779,8 @@ def test_gpu_box_configs(monkeypatch, tmp_path, descriptor_spy, case, dtype, per
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the output-box configs are Hopper candidates")
     xs, ws, padding, dilation, boxes = case
-    monkeypatch.setattr(conv, "_HOPPER_16BIT", [c for c in conv._HOPPER_16BIT if c.boxes and c.persistent == persistent])
-    monkeypatch.setenv("CNNKERNELS_AUTOTUNE", "0")  # the first box config, whatever was tuned before
-    monkeypatch.setenv("CNNKERNELS_CACHE_DIR", str(tmp_path))
-    x = make_input(xs, dtype, "channels_last")
-    w = (torch.randn(ws, dtype=dtype, device="cuda") / (ws[1] * ws[2] * ws[3]) ** 0.5).contiguous(
-        memory_format=torch.channels_last)
-    b = torch.randn(ws[0], dtype=dtype, device="cuda")
+    use_first_hopper_config(monkeypatch, tmp_path, lambda c: c.boxes and c.persistent == persistent)
+    x, w, b = gpu_conv_operands(xs, ws, dtype)
     args = ([1, 1], [padding] * 2, [dilation] * 2, 1)
     residual = torch.randn_like(F.conv2d(x, w, b, *args))
     with poisoned_outputs():
@@ -794,13 +791,7 @@ def test_gpu_box_configs(monkeypatch, tmp_path, descriptor_spy, case, dtype, per
     assert descriptor_spy == [(True, True, False, True), (True, True, True, True)]
     plain_gemm = ws[2] == ws[3] == 1 and padding == 0  # without persistence, the GEMM kernel's X_DESC case
     assert descriptor_spy.boxes == ([] if plain_gemm and not persistent else [boxes, boxes])
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = call()
-    x.normal_()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, call())
+    assert_graph_replay_matches(call, x)
 
 
 @pytest.mark.gpu
@@ -811,19 +802,35 @@ def test_gpu_tma_configs(monkeypatch, tmp_path, descriptor_spy, case, dtype):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the TMA configs are Hopper candidates")
     xs, ws, stride, padding, groups, expected = case
-    monkeypatch.setattr(conv, "_HOPPER_16BIT", [c for c in conv._HOPPER_16BIT if c.tma and not c.boxes])
-    monkeypatch.setenv("CNNKERNELS_AUTOTUNE", "0")  # the first TMA config, whatever was tuned before
-    monkeypatch.setenv("CNNKERNELS_CACHE_DIR", str(tmp_path))
-    x = make_input(xs, dtype, "channels_last")
-    w = (torch.randn(ws, dtype=dtype, device="cuda") / (ws[1] * ws[2] * ws[3]) ** 0.5).contiguous(
-        memory_format=torch.channels_last)
-    b = torch.randn(ws[0], dtype=dtype, device="cuda")
+    use_first_hopper_config(monkeypatch, tmp_path, lambda c: c.tma and not c.boxes)
+    x, w, b = gpu_conv_operands(xs, ws, dtype)
     args = ([stride] * 2, [padding] * 2, [1, 1], groups)
     residual = torch.randn_like(F.conv2d(x, w, b, *args))
     call = lambda: triton_ops.conv2d_add_relu_triton(x, w, residual, b, *args)
     out = call()
     assert_tolerance_rule(out, x, w, b, *args, residual=residual)
     assert descriptor_spy == [expected]
+    assert_graph_replay_matches(call, x)
+
+
+def use_first_hopper_config(monkeypatch, tmp_path, keep):
+    """Only the Hopper 16-bit candidates that `keep` accepts, untuned: the first of them runs,
+    whatever was tuned before."""
+    monkeypatch.setattr(conv, "_HOPPER_16BIT", [c for c in conv._HOPPER_16BIT if keep(c)])
+    monkeypatch.setenv("CNNKERNELS_AUTOTUNE", "0")
+    monkeypatch.setenv("CNNKERNELS_CACHE_DIR", str(tmp_path))
+
+
+def gpu_conv_operands(xs, ws, dtype):
+    """A channels_last input, a channels_last weight scaled to keep outputs near 1, a bias."""
+    x = make_input(xs, dtype, "channels_last")
+    w = (torch.randn(ws, dtype=dtype, device="cuda") / (ws[1] * ws[2] * ws[3]) ** 0.5).contiguous(
+        memory_format=torch.channels_last)
+    return x, w, torch.randn(ws[0], dtype=dtype, device="cuda")
+
+
+def assert_graph_replay_matches(call, x):
+    """call() captured in a CUDA graph, then replayed on new values of x, equals an eager call."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = call()
