@@ -7,7 +7,6 @@ batch_norm.batch_norm_relu_train, an autograd.Function, in batch_norm.py).
 Import with TRITON_INTERPRET=1 set (before triton is first imported) to run them on CPU tensors.
 """
 
-
 from .._registration import autograd_rules, register_autograd
 from . import _runtime, add_relu as _add_relu, batch_norm as _batch_norm, conv as _conv, relu_backward as _relu_backward  # noqa: F401  (importing registers the ops)
 from .add_relu import add_relu_unsupported_reasons

@@ -831,10 +831,10 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
                              R_DESC=tma.residual is not None, O_DESC=tma.out is not None, **common)
             if not any(tma):
                 return _launch_fn(_conv_gemm_kernel, grid, constants)
-            boxes = _TmaOperands(weight=(config.block_n, config.block_k), input=(config.block_m, config.block_k),
-                                 residual=(config.block_m, config.block_n), out=(config.block_m, config.block_n))
-            descs = _TmaOperands(*(None if m is None else _Desc((m.rows, m.cols), (m.row_stride, 1), box)
-                                   for m, box in zip(tma, boxes)))
+            blocks = _TmaOperands(weight=(config.block_n, config.block_k), input=(config.block_m, config.block_k),
+                                  residual=(config.block_m, config.block_n), out=(config.block_m, config.block_n))
+            descs = _TmaOperands(*(None if m is None else _Desc((m.rows, m.cols), (m.row_stride, 1), block)
+                                   for m, block in zip(tma, blocks)))
             return _launch_fn(_conv_gemm_kernel, grid, constants, descs, launch_with(plain_twin))
 
         reduction = s * cg if flat_k else cg  # per reduction step
