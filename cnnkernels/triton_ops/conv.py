@@ -549,6 +549,23 @@ class _TmaOperands(NamedTuple):
     out: Any = None
 
 
+class _Layout(NamedTuple):
+    """What decides which operands of a conv call TMA can move: shapes, strides (the input's as the
+    kernel sees it, the residual's None without one), geometry and dtype."""
+    x_shape: tuple
+    x_strides: tuple
+    w_shape: tuple
+    w_stride_k: int  # weight stride between output channels, as the kernel sees it
+    out_shape: tuple
+    out_strides: tuple
+    res_strides: Optional[tuple]
+    stride: tuple
+    padding: tuple
+    groups: int
+    flat_k: bool
+    dtype: torch.dtype
+
+
 class _Desc(NamedTuple):
     """How a TMA tensor descriptor walks one operand: shape, strides (the last one 1) and box."""
     shape: tuple
@@ -580,16 +597,16 @@ def _output_boxes(block_m, n, oh, ow):
     return best if best_rank[0] >= _MIN_BOX_USE else None
 
 
-def _box_operands(config, x_shape, x_strides, w_shape, w_stride_k, out_shape, out_strides, res_strides,
-                  stride, padding, groups, flat_k, dtype):
+def _box_operands(config, layout: _Layout):
     """For _conv_boxes_kernel: ((images, rows, columns) per box, the (images, rows, columns) of
     output the boxes tile, _TmaOperands of _Desc), or None where it cannot run or has no point.
     It needs stride 1, groups 1, no FLAT_K, an NHWC input and residual and a channels_last output
     with 16-byte strides; a plain GEMM (1x1, unpadded) has _conv_gemm_kernel's X_DESC, so only its
     persistent config is new."""
-    k_out, cg, r, s = w_shape
-    plain_gemm = r * s == 1 and tuple(padding) == (0, 0)
-    if (not (config.tma and config.boxes) or tuple(stride) != (1, 1) or groups != 1 or flat_k
+    k_out, cg, r, s = layout.w_shape
+    dtype, w_stride_k, res_strides = layout.dtype, layout.w_stride_k, layout.res_strides
+    plain_gemm = r * s == 1 and layout.padding == (0, 0)
+    if (not (config.tma and config.boxes) or layout.stride != (1, 1) or layout.groups != 1 or layout.flat_k
             or (plain_gemm and not config.persistent) or w_stride_k * dtype.itemsize % 16):
         return None
 
@@ -607,8 +624,8 @@ def _box_operands(config, x_shape, x_strides, w_shape, w_stride_k, out_shape, ou
         return None if m is None else ((1, 1, m.rows, m.cols), (m.rows * m.row_stride,) * 2 + (m.row_stride, 1))
 
     view = pixel_run if plain_gemm else nhwc
-    x, out = view(x_shape, x_strides), view(out_shape, out_strides)
-    res = view(out_shape, res_strides) if res_strides is not None else None
+    x, out = view(layout.x_shape, layout.x_strides), view(layout.out_shape, layout.out_strides)
+    res = view(layout.out_shape, res_strides) if res_strides is not None else None
     if x is None or out is None or (res_strides is not None and res is None):
         return None
     boxes = (1, 1, config.block_m) if plain_gemm else _output_boxes(config.block_m, *out[0][:3])
@@ -635,25 +652,26 @@ def _pixel_rows(shape, strides, size) -> Optional[_Matrix]:
     return _Matrix(n * h * w, c, sw)
 
 
-def _tma_operands(config, x_shape, x_strides, w_shape, w_stride_k, out_shape, out_strides, res_strides,
-                  stride, padding, groups, flat_k, dtype) -> _TmaOperands:
+def _tma_operands(config, layout: _Layout) -> _TmaOperands:
     """The operands a config may pass as TMA descriptors, judged by the layouts (base-pointer
     alignment is checked per call). A descriptor zero-fills outside its matrix but not between
     the channel blocks of kernel taps (or, FLAT_K, of kernel rows) or of groups, and its stores
     are clipped only at the matrix's edges, hence the whole-block terms."""
     if not config.tma:
         return _TmaOperands()
-    size = dtype.itemsize
-    k_out, cg, r, s = w_shape
+    groups, flat_k, w_stride_k = layout.groups, layout.flat_k, layout.w_stride_k
+    size = layout.dtype.itemsize
+    k_out, cg, r, s = layout.w_shape
     kg = k_out // groups
     even_c = cg % config.block_k == 0
     whole_taps = (s * cg) % config.block_k == 0 or r == 1 if flat_k else even_c or r * s == 1
     weight = _Matrix(k_out, r * s * cg, w_stride_k) if whole_taps and (w_stride_k * size) % 16 == 0 else None
-    plain_gemm = r == s == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and not flat_k
-    inputs = _pixel_rows(x_shape, x_strides, size) if plain_gemm and (groups == 1 or even_c) else None
+    plain_gemm = r == s == 1 and layout.stride == (1, 1) and layout.padding == (0, 0) and not flat_k
+    inputs = _pixel_rows(layout.x_shape, layout.x_strides, size) if plain_gemm and (groups == 1 or even_c) else None
     whole_groups = groups == 1 or kg % config.block_n == 0
-    out = _pixel_rows(out_shape, out_strides, size) if whole_groups else None
-    residual = _pixel_rows(out_shape, res_strides, size) if whole_groups and res_strides is not None else None
+    out = _pixel_rows(layout.out_shape, layout.out_strides, size) if whole_groups else None
+    residual = (_pixel_rows(layout.out_shape, layout.res_strides, size)
+                if whole_groups and layout.res_strides is not None else None)
     return _TmaOperands(weight, inputs, residual, out)
 
 
@@ -795,34 +813,27 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
         flat_k = cg < 16
         allow_tf32 = input.dtype == torch.float32 and not interpreted and _runtime.cudnn_conv_allows_tf32()
 
-        def tma_operands(config):
-            return _tma_operands(config, input.shape, x_strides, weight.shape, w_stride_k, out_shape, out_strides,
-                                 res_strides if residual is not None else None, stride, padding, groups,
-                                 flat_k, input.dtype)
-
-        def box_operands(config):
-            return _box_operands(config, input.shape, x_strides, weight.shape, w_stride_k, out_shape, out_strides,
-                                 res_strides if residual is not None else None, stride, padding, groups, flat_k,
-                                 input.dtype)
+        layout = _Layout(tuple(input.shape), tuple(x_strides), tuple(weight.shape), w_stride_k, tuple(out_shape),
+                         tuple(out_strides), tuple(res_strides) if residual is not None else None, tuple(stride),
+                         tuple(padding), groups, flat_k, input.dtype)
 
         def launch_with(config):
             plain_twin = config._replace(tma=False, boxes=False, persistent=False)
-            boxed = box_operands(config)
+            boxed = _box_operands(config, layout)
             if boxed is not None:
                 (bn, bh, bw), (images, out_h, out_w), descs = boxed
                 h_tiles, w_tiles = _runtime.cdiv(out_h, bh), _runtime.cdiv(out_w, bw)
                 tiles = _runtime.cdiv(images, bn) * h_tiles * w_tiles * _runtime.cdiv(kg, config.block_n)
                 grid = (min(tiles, _runtime.program_slots(input.device)) if config.persistent else tiles,)
-                constants = dict(TILES=tiles, H_TILES=h_tiles, W_TILES=w_tiles, Cg=cg, Kg=kg, R=r, S=s,
-                                 stride_b=common["stride_b"], pad_h=padding[0], pad_w=padding[1],
-                                 dil_h=dilation[0], dil_w=dilation[1], HAS_BIAS=bias is not None,
-                                 HAS_RES=residual is not None, INTERPRETED=interpreted, BOX_N=bn, BOX_H=bh, BOX_W=bw,
-                                 BLOCK_N=config.block_n, BLOCK_K=config.block_k, PERSISTENT=config.persistent,
-                                 num_warps=config.num_warps, num_stages=config.num_stages)
+                shared = ("R", "S", "stride_b", "pad_h", "pad_w", "dil_h", "dil_w", "HAS_BIAS", "HAS_RES", "INTERPRETED")
+                constants = dict(TILES=tiles, H_TILES=h_tiles, W_TILES=w_tiles, Cg=cg, Kg=kg, BOX_N=bn, BOX_H=bh,
+                                 BOX_W=bw, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PERSISTENT=config.persistent,
+                                 num_warps=config.num_warps, num_stages=config.num_stages,
+                                 **{name: common[name] for name in shared})
                 return _launch_fn(_conv_boxes_kernel, grid, constants, descs, launch_with(plain_twin))
             config = config._replace(boxes=False, persistent=False)
             grid = (groups * _runtime.cdiv(rows, config.block_m) * _runtime.cdiv(kg, config.block_n),)
-            tma = tma_operands(config)
+            tma = _tma_operands(config, layout)
             constants = dict(Cg=cg, Kg=kg, swk=w_stride_k, FLAT_K=flat_k, EVEN_C=cg % config.block_k == 0,
                              FMA_F64=input.dtype == torch.float64, ALLOW_TF32=allow_tf32,
                              BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
@@ -844,9 +855,9 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
         def eligible(c):  # the config as it would run here
             if fake:
                 return c._replace(tma=False, boxes=False, persistent=False)
-            if c.boxes and box_operands(c) is None:
+            if c.boxes and _box_operands(c, layout) is None:
                 c = c._replace(boxes=False, persistent=False)
-            return c if c.boxes or any(tma_operands(c)) else c._replace(tma=False)
+            return c if c.boxes or any(_tma_operands(c, layout)) else c._replace(tma=False)
 
         candidates = list(dict.fromkeys(eligible(c) for c in candidates))
         tuner = _gemm_tuner
