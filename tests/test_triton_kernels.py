@@ -162,12 +162,8 @@ def test_conv_tma_descriptors_match_float64(monkeypatch, descriptor_spy, xs, ws,
     x, w, b = channel_view_operands(xs, ws, offset, dtype)
     args = ([stride] * 2, [padding] * 2, [1, 1], groups)
     residual = torch.randn_like(F.conv2d(x, w, b, *args)).contiguous(memory_format=torch.channels_last)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)  # torch.empty fills with NaN: a missed output element shows
-    try:
+    with poisoned_outputs():  # a missed output element shows as NaN
         out = triton_ops.conv2d_add_relu_triton(x, w, residual, b, *args)
-    finally:
-        torch.use_deterministic_algorithms(previous)
     assert_tolerance_rule(out, x, w, b, *args, residual=residual)
     assert descriptor_spy == [expected]
     assert not any(holds_a_tensor(plan) for plan in conv._PLANS.values())
@@ -270,14 +266,10 @@ def test_outputs_fully_written(geometry, layout):
     x = make_input(xs, torch.float32, layout)
     w = torch.randn(ws, device=DEVICE)
     residual = torch.randn(xs[0], ws[0], (xs[2] - 1) // stride + 1, (xs[3] - 1) // stride + 1, device=DEVICE)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)  # torch.empty now fills floats with NaN
-    try:
+    with poisoned_outputs():
         assert torch.empty(4, device=DEVICE).isnan().all()
         out = triton_ops.conv2d_add_relu_triton(x, w, residual, None, [stride] * 2, [1, 1], [1, 1], groups)
         summed = triton_ops.add_relu_triton(residual, residual)
-    finally:
-        torch.use_deterministic_algorithms(previous)
     assert not out.isnan().any()
     assert not summed.isnan().any()
 
