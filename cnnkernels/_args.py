@@ -170,6 +170,17 @@ def check_add_relu(input, other):
                            f"other of size {list(other.shape)}")
 
 
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # not fake, functional or other subclasses
+
+
+def plain_eager(*tensors):
+    """Whether a call on these tensors (None allowed) is plain eager work, which needs neither
+    torch.compile's tracing nor __torch_function__ (subclasses, torch function modes): what lets
+    the op wrappers skip torch.ops' Python layer (backends.ExtensionBackend, triton_ops._runtime)."""
+    return (not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()
+            and all(t is None or type(t) in PLAIN_TENSORS for t in tensors))
+
+
 MAX_CACHED = 4096  # entries per shape-keyed cache; many distinct shapes (dynamic sizes) start it over
 
 

@@ -9,8 +9,10 @@ import torch
 _module = None
 _problem = None
 
-# The C++ ops this Python code calls (their schemas are in csrc/ops.cpp).
+# The C++ ops this Python code calls (their schemas are in csrc/ops.cpp), and the module's
+# direct entry points to them.
 REQUIRED_OPS = ("conv2d_relu", "conv2d_add_relu", "add_relu", "relu_backward_bias_grad")
+ENTRY_POINTS = ("conv2d_relu", "conv2d_add_relu", "add_relu")
 
 
 def missing_ops(names=REQUIRED_OPS):
@@ -43,9 +45,10 @@ def _load():
     except ImportError as error:
         _problem = f"the C++ extension cnnkernels._C failed to load: {error}"
         return
-    missing = missing_ops()
+    missing = ([f"cnnkernels::{name}" for name in missing_ops()]
+               + [f"cnnkernels._C.{name}" for name in ENTRY_POINTS if not hasattr(module, name)])
     if missing:  # a build older than this Python code
-        _problem = (f"the C++ extension cnnkernels._C is out of date: it lacks cnnkernels::{', '.join(missing)}; "
+        _problem = (f"the C++ extension cnnkernels._C is out of date: it lacks {', '.join(missing)}; "
                     "rebuild it with `pip install --no-build-isolation -e .`")
         return
     _module = module

@@ -16,6 +16,7 @@ import os
 import torch
 
 from . import _extension, auto_choice, reference
+from ._args import plain_eager
 
 NAMES = ("auto", "triton", "cuda", "torch")
 
@@ -68,17 +69,23 @@ class ExtensionBackend:
     def conv_unsupported(self, call):
         return []
 
+    @staticmethod
+    def _ops(*tensors):
+        """torch.ops.cnnkernels, or for plain eager calls the extension's direct entry points to
+        the same dispatcher ops (cnnkernels._C.conv2d_relu, ...: less host cost, see csrc/ops.cpp)."""
+        return _extension.module() if plain_eager(*tensors) else torch.ops.cnnkernels
+
     def conv(self, call):
+        ops = self._ops(call.input, call.weight, call.bias, call.residual)
         if call.residual is None:
-            return torch.ops.cnnkernels.conv2d_relu(call.input, call.weight, call.bias, *call.op_args)
-        return torch.ops.cnnkernels.conv2d_add_relu(call.input, call.weight, call.residual, call.bias,
-                                                    *call.op_args)
+            return ops.conv2d_relu(call.input, call.weight, call.bias, *call.op_args)
+        return ops.conv2d_add_relu(call.input, call.weight, call.residual, call.bias, *call.op_args)
 
     def add_relu_unsupported(self, input, other):
         return []
 
     def add_relu(self, input, other):
-        return torch.ops.cnnkernels.add_relu(input, other)
+        return self._ops(input, other).add_relu(input, other)
 
 
 class TritonBackend:

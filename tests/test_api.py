@@ -100,11 +100,15 @@ def test_device_mismatch_raises(backend):
         cnnkernels.add_relu(x.cuda(), x)
 
 
-def test_cpp_ops_check_their_arguments_when_called_directly():
+@pytest.mark.parametrize("entry", ["torch.ops", "cnnkernels._C"])
+def test_cpp_ops_check_their_arguments_when_called_directly(entry):
+    """Through torch.ops and through the extension's direct entry points alike, in PyTorch's
+    wording and without a C++ backtrace."""
     x, w, b = _conv_inputs()
-    ops = torch.ops.cnnkernels
-    with pytest.raises(RuntimeError, match="to have 4 channels, but got 5"):
+    ops = torch.ops.cnnkernels if entry == "torch.ops" else cnnkernels._extension.require()
+    with pytest.raises(RuntimeError, match="to have 4 channels, but got 5") as error:
         ops.conv2d_relu(torch.randn(2, 5, 8, 8), w, b, [1, 1], [1, 1], [1, 1], 1)
+    assert "Exception raised from" not in str(error.value)
     with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
         ops.conv2d_relu(x, torch.randn(6, 4, 9, 9), b, [1, 1], [0, 0], [1, 1], 1)
     with pytest.raises(RuntimeError, match="expected residual of size"):
@@ -113,6 +117,54 @@ def test_cpp_ops_check_their_arguments_when_called_directly():
         ops.conv2d_relu(x, w, b, [0, 1], [1, 1], [1, 1], 1)
     with pytest.raises(RuntimeError, match="to match input"):
         ops.add_relu(x, x[:1])
+
+
+def test_cuda_backend_calls_the_extension_directly_unless_torch_function_must_see_the_op(monkeypatch):
+    """Plain eager calls skip torch.ops' Python layer (host cost per call; csrc/ops.cpp) and give
+    the same bits; under a __torch_function__ mode the calls go through torch.ops, which it sees."""
+    from torch.overrides import TorchFunctionMode
+    from cnnkernels import _extension
+
+    extension, entered = _extension.require(), []
+
+    class Recorder:
+        def __getattr__(self, name):
+            entered.append(name)
+            return getattr(extension, name)
+
+    class LogFunctions(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w, b = _conv_inputs()
+    residual = torch.randn(2, 6, 8, 8)
+
+    def calls():
+        with cnnkernels.use_backend("cuda"):
+            return [cnnkernels.conv2d_relu(x, w, b, padding=1), cnnkernels.conv2d_add_relu(x, w, residual, b, padding=1),
+                    cnnkernels.add_relu(x, residual[:, :4])]
+
+    via_torch_ops = [torch.ops.cnnkernels.conv2d_relu(x, w, b, [1, 1], [1, 1], [1, 1], 1),
+                     torch.ops.cnnkernels.conv2d_add_relu(x, w, residual, b, [1, 1], [1, 1], [1, 1], 1),
+                     torch.ops.cnnkernels.add_relu(x, residual[:, :4])]
+    monkeypatch.setattr(_extension, "_module", Recorder())
+    direct = calls()
+    assert entered == ["conv2d_relu", "conv2d_add_relu", "add_relu"]
+    for got, expected in zip(direct, via_torch_ops):
+        assert torch.equal(got, expected)
+    entered.clear()
+    with LogFunctions() as log:
+        seen = calls()
+    assert entered == []
+    assert [name for name in log.names if "cnnkernels" in name] == [
+        "cnnkernels.conv2d_relu", "cnnkernels.conv2d_add_relu", "cnnkernels.add_relu"]
+    for got, expected in zip(seen, via_torch_ops):
+        assert torch.equal(got, expected)
 
 
 # --- backend choice -------------------------------------------------------------------------

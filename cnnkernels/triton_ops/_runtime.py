@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._args import PLAIN_TENSORS
 from .._registration import autograd_function
 
 try:
@@ -16,7 +17,6 @@ except ImportError:  # pragma: no cover - very old triton
     _InterpretedFunction = ()
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # not fake, functional or other subclasses
 
 
 def is_interpreted(kernel) -> bool:
