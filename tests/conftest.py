@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Triton's interpreter must be chosen before triton is imported.
@@ -109,13 +110,18 @@ def spy_op_calls(monkeypatch, *ops):
     return calls
 
 
-class LogOps(TorchDispatchMode):
-    """A dispatch mode that records the name of every op it sees."""
-
+def _logging(mode_class, hook):
+    """A mode of mode_class whose `hook` records the name of every function or op it sees in .ops."""
     def __init__(self):
-        super().__init__()
+        mode_class.__init__(self)
         self.ops = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def log(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
+
+    return type(f"Log{mode_class.__name__}", (mode_class,), {"__init__": __init__, hook: log})
+
+
+LogOps = _logging(TorchDispatchMode, "__torch_dispatch__")  # ops as the dispatcher runs them
+LogFunctions = _logging(TorchFunctionMode, "__torch_function__")  # torch functions and torch.ops calls

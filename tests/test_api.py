@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import cnnkernels
 from cnnkernels import backends
-from conftest import BACKENDS, DEVICES, interpreting_triton
+from conftest import BACKENDS, DEVICES, LogFunctions, interpreting_triton
 
 CONV_FORMS = [  # keyword arguments exactly as F.conv2d takes them
     dict(), dict(stride=2), dict(stride=(2, 1), padding=(1, 2)), dict(padding="same"), dict(padding="valid"),
@@ -122,7 +122,6 @@ def test_cpp_ops_check_their_arguments_when_called_directly(entry):
 def test_cuda_backend_calls_the_extension_directly_unless_torch_function_must_see_the_op(monkeypatch):
     """Plain eager calls skip torch.ops' Python layer (host cost per call; csrc/ops.cpp) and give
     the same bits; under a __torch_function__ mode the calls go through torch.ops, which it sees."""
-    from torch.overrides import TorchFunctionMode
     from cnnkernels import _extension
 
     extension, entered = _extension.require(), []
@@ -131,15 +130,6 @@ def test_cuda_backend_calls_the_extension_directly_unless_torch_function_must_se
         def __getattr__(self, name):
             entered.append(name)
             return getattr(extension, name)
-
-    class LogFunctions(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     x, w, b = _conv_inputs()
     residual = torch.randn(2, 6, 8, 8)
@@ -161,7 +151,7 @@ def test_cuda_backend_calls_the_extension_directly_unless_torch_function_must_se
     with LogFunctions() as log:
         seen = calls()
     assert entered == []
-    assert [name for name in log.names if "cnnkernels" in name] == [
+    assert [name for name in log.ops if "cnnkernels" in name] == [
         "cnnkernels.conv2d_relu", "cnnkernels.conv2d_add_relu", "cnnkernels.add_relu"]
     for got, expected in zip(seen, via_torch_ops):
         assert torch.equal(got, expected)
