@@ -176,7 +176,8 @@ PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # not fake, functional or ot
 def plain_eager(*tensors):
     """Whether a call on these tensors (None allowed) is plain eager work, which needs neither
     torch.compile's tracing nor __torch_function__ (subclasses, torch function modes): what lets
-    the op wrappers skip torch.ops' Python layer (backends.ExtensionBackend, triton_ops._runtime)."""
+    backends.ExtensionBackend skip torch.ops' Python layer. (triton_ops._runtime.call_op, which
+    skips the dispatcher as well, asks for more.)"""
     return (not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()
             and all(t is None or type(t) in PLAIN_TENSORS for t in tensors))
 

@@ -1,6 +1,7 @@
 // The op schemas (the one place they are written) and the Python module `cnnkernels._C`,
-// which carries the build information and direct entry points to the ops. Kernels register themselves per device in
-// csrc/cpu/ and csrc/cuda/ with TORCH_LIBRARY_IMPL, their autograd in csrc/autograd.cpp.
+// which carries the build information and direct entry points to the ops. Kernels register
+// themselves per device in csrc/cpu/ and csrc/cuda/ with TORCH_LIBRARY_IMPL, their autograd in
+// csrc/autograd.cpp.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 #include <torch/library.h>
