@@ -173,13 +173,13 @@ def check_add_relu(input, other):
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # not fake, functional or other subclasses
 
 
-def plain_eager(*tensors):
-    """Whether a call on these tensors (None allowed) is plain eager work, which needs neither
-    torch.compile's tracing nor __torch_function__ (subclasses, torch function modes): what lets
-    backends.ExtensionBackend skip torch.ops' Python layer. (triton_ops._runtime.call_op, which
-    skips the dispatcher as well, asks for more.)"""
+def plain_eager(*args):
+    """Whether a call with these arguments (tensors and others) is plain eager work, which needs
+    neither torch.compile's tracing nor __torch_function__ (tensor subclasses, torch function
+    modes): what lets backends.ExtensionBackend skip torch.ops' Python layer, and what
+    triton_ops._runtime.call_op, which skips the dispatcher as well, asks first."""
     return (not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()
-            and all(t is None or type(t) in PLAIN_TENSORS for t in tensors))
+            and all(type(a) in PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor)))
 
 
 MAX_CACHED = 4096  # entries per shape-keyed cache; many distinct shapes (dynamic sizes) start it over

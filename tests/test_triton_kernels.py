@@ -20,7 +20,7 @@ from cnnkernels._args import output_memory_format
 from cnnkernels.triton_ops import _autotune, conv
 
 from conftest import HAVE_CUDA as HAS_CUDA  # conftest also chose the interpreter without a GPU
-from conftest import LogOps, poisoned_outputs, spy_op_calls
+from conftest import LogFunctions, LogOps, poisoned_outputs, spy_op_calls
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 pytestmark = pytest.mark.on_device  # on the GPU where there is one, else in the interpreter
@@ -379,7 +379,7 @@ def test_eager_calls_skip_the_dispatcher_unless_autograd_or_a_mode_needs_it(monk
     """Plain eager calls run the ops' bodies directly (the dispatcher's cost is host time per
     call, benchmarks/host_overhead.py): a grad-tracked one inside an autograd.Function with the
     op's registered rule, whose backward's fused ReLU and bias gradient runs directly too. Under a
-    dispatch mode every call takes the dispatcher, so that the mode sees the ops."""
+    dispatch or __torch_function__ mode every call takes the dispatcher, so that the mode sees the ops."""
     from cnnkernels.triton_ops import add_relu as add_relu_module, relu_backward
 
     calls = spy_op_calls(monkeypatch, (conv, "conv2d_relu_triton"), (conv, "conv2d_add_relu_triton"),
@@ -405,6 +405,13 @@ def test_eager_calls_skip_the_dispatcher_unless_autograd_or_a_mode_needs_it(monk
         "cnnkernels.add_relu_triton.default"]
     for a, b_ in zip(direct, through_modes):
         torch.testing.assert_close(a, b_, rtol=0, atol=0)
+    calls.clear()
+    with LogFunctions() as functions_log:  # a __torch_function__ mode sees the ops too
+        forward_calls()
+    assert [way for _, way in calls] == ["dispatcher"] * 3
+    assert [name for name in functions_log.ops if "cnnkernels" in name] == [
+        "cnnkernels.conv2d_relu_triton.default", "cnnkernels.conv2d_add_relu_triton.default",
+        "cnnkernels.add_relu_triton.default"]
 
     calls.clear()
     w.requires_grad_()

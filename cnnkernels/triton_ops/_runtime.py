@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._args import PLAIN_TENSORS
+from .._args import plain_eager
 from .._registration import autograd_function
 
 try:
@@ -59,10 +59,10 @@ def should_launch(kernel, *tensors) -> bool:
 
 def call_op(op, *args, mutated=(), autograd=None):
     """op(*args) for one of our torch.library.triton_op ops, straight into its Python body when
-    the call is plain eager work: plain tensors, and nothing compiling, intercepting (dispatch
-    modes, functorch transforms) or profiling. The body (triton_op's eager kernel, which turns
-    wrap_triton off itself) launches the Triton kernels, and the `mutated` tensors get the version
-    bump the op's ADInplaceOrView kernel would give them. A call that autograd tracks runs the
+    the call is plain eager work: plain tensors, and nothing compiling, intercepting
+    (__torch_function__ or dispatch modes, functorch transforms) or profiling. The body
+    (triton_op's eager kernel, which turns wrap_triton off itself) launches the Triton kernels,
+    and the `mutated` tensors get the version bump the op's ADInplaceOrView kernel would give them. A call that autograd tracks runs the
     body inside an autograd.Function with the op's registered rule, `autograd` (an AutogradRule
     of cnnkernels/_registration.py), or takes the dispatcher without one. Any other call goes
     through the dispatcher.
@@ -72,10 +72,9 @@ def call_op(op, *args, mutated=(), autograd=None):
     backward pair (345-351 against 260-263 us), 35 us per no-grad conv2d_relu (90-94 against
     57 us) and over 100 us per conv2d_relu forward and backward (489-541 against 374-385 us)."""
     body = getattr(op, "_init_fn", None)
-    if (body is None or torch.compiler.is_compiling()
+    if (body is None or not plain_eager(*args)
             or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()
-            or torch.autograd.profiler._is_profiler_enabled
-            or any(isinstance(a, torch.Tensor) and type(a) not in PLAIN_TENSORS for a in args)):
+            or torch.autograd.profiler._is_profiler_enabled):
         return op(*args)
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         if autograd is None:

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .._args import MAX_CACHED, output_memory_format
+from .._args import MAX_CACHED, PLAIN_TENSORS, output_memory_format
 from . import _autotune, _runtime
 from ._runtime import store_cast
 
@@ -703,7 +703,7 @@ def _plan_key(input, weight, residual, bias, stride, padding, dilation, groups):
     """The call's signature for _PLANS, or None where no plan may be kept: traced or fake tensors
     (torch.compile), meta tensors."""
     tensors = (input, weight, residual, bias)
-    if any(t is not None and type(t) not in _runtime.PLAIN_TENSORS for t in tensors) or input.device.type == "meta":
+    if any(t is not None and type(t) not in PLAIN_TENSORS for t in tensors) or input.device.type == "meta":
         return None
     tf32 = input.dtype == torch.float32 and _runtime.cudnn_conv_allows_tf32()
     return (tuple(stride), tuple(padding), tuple(dilation), groups, tf32) + tuple(
