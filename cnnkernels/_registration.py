@@ -132,12 +132,9 @@ def autograd_function(body, rule: AutogradRule):
         rule.setup_context(ctx, args, output)
         return output
 
-    def backward(ctx, *grads):
-        return rule.backward(ctx, *grads)
-
     # Named so that autograd graphs show cnnkernels_conv2d_reluBackward and the like.
     return type(f"cnnkernels_{rule.op}", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+                {"forward": staticmethod(forward), "backward": staticmethod(rule.backward)})
 
 
 def register_extension_ops():

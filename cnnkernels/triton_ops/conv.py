@@ -573,6 +573,11 @@ class _Desc(NamedTuple):
     box: tuple
 
 
+def _pointers_only(config):
+    """The config's plain twin: the same tiles with pointer loads, no descriptors, boxes or persistence."""
+    return config._replace(tma=False, boxes=False, persistent=False)
+
+
 _MIN_BOX_USE = 0.75  # the share of a box tiling's rows that are real output pixels, at least
 
 
@@ -818,7 +823,7 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
                          tuple(padding), groups, flat_k, input.dtype)
 
         def launch_with(config):
-            plain_twin = config._replace(tma=False, boxes=False, persistent=False)
+            plain_twin = _pointers_only(config)
             boxed = _box_operands(config, layout)
             if boxed is not None:
                 (bn, bh, bw), (images, out_h, out_w), descs = boxed
@@ -854,7 +859,7 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
         # descriptors), and a config whose descriptors are ineligible here is its plain twin.
         def eligible(c):  # the config as it would run here
             if fake:
-                return c._replace(tma=False, boxes=False, persistent=False)
+                return _pointers_only(c)
             if c.boxes and _box_operands(c, layout) is None:
                 c = c._replace(boxes=False, persistent=False)
             return c if c.boxes or any(_tma_operands(c, layout)) else c._replace(tma=False)
@@ -883,7 +888,7 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
 
         config = tuner.pick(input.device, shape_key, candidates, bench, can_run=not fake, compile_only=compile_only)
     if fake:
-        config = config._replace(tma=False, boxes=False, persistent=False)  # a tuned TMA choice, while tracing
+        config = _pointers_only(config)  # a tuned TMA choice, while tracing
     return _Plan(out_shape, out_format, copy_input, pack_weight, launch_with(config))
 
 
