@@ -178,8 +178,12 @@ def plain_eager(*args):
     neither torch.compile's tracing nor __torch_function__ (tensor subclasses, torch function
     modes): what lets backends.ExtensionBackend skip torch.ops' Python layer, and what
     triton_ops._runtime.call_op, which skips the dispatcher as well, asks first."""
-    return (not torch.compiler.is_compiling() and not torch._C._is_torch_function_mode_enabled()
-            and all(type(a) in PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor)))
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    for a in args:  # a loop, not all(...): this runs on every call of the cuda backend
+        if a is not None and type(a) not in PLAIN_TENSORS and isinstance(a, torch.Tensor):
+            return False
+    return True
 
 
 MAX_CACHED = 4096  # entries per shape-keyed cache; many distinct shapes (dynamic sizes) start it over

@@ -12,6 +12,8 @@ import functools
 import json
 from pathlib import Path
 
+from . import _call_plans
+
 TABLE_PATH = Path(__file__).with_name("auto_choice.json")
 
 
@@ -45,6 +47,7 @@ def _table():
 def reload():
     """Reads auto_choice.json again (after it was rewritten)."""
     _table.cache_clear()
+    _call_plans.clear()
 
 
 def order(device_type, key):

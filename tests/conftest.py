@@ -51,6 +51,13 @@ def _device_gate(request):
         pytest.skip("Triton runs on CPU tensors only through its interpreter (TRITON_INTERPRET=1, as in CI)")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_call_plans():
+    """Tests monkeypatch what the backend choice reads: no test reuses another's choices."""
+    from cnnkernels import _call_plans
+    _call_plans.clear()
+
+
 def relative_error(out, ref):
     diff = (out.double() - ref).nan_to_num(0.0)
     return (diff.norm() / ref.nan_to_num(0.0).norm().clamp_min(1e-30)).item()

@@ -29,9 +29,10 @@ def test_argument_forms_match_f_conv2d(form, batched, backend):
     expected = F.conv2d(x, w, b, **form)
     residual = torch.randn_like(expected)
     with cnnkernels.use_backend(backend):
-        assert torch.allclose(cnnkernels.conv2d_relu(x, w, b, **form), expected.relu())
-        assert torch.allclose(cnnkernels.conv2d_add_relu(x, w, residual, b, **form), (expected + residual).relu())
-        assert torch.allclose(cnnkernels.conv2d_relu(x, w, None, **form), F.conv2d(x, w, None, **form).relu())
+        for _ in range(2):  # the second time from the call's plan (cnnkernels/_call_plans.py) where it has one
+            assert torch.allclose(cnnkernels.conv2d_relu(x, w, b, **form), expected.relu())
+            assert torch.allclose(cnnkernels.conv2d_add_relu(x, w, residual, b, **form), (expected + residual).relu())
+            assert torch.allclose(cnnkernels.conv2d_relu(x, w, None, **form), F.conv2d(x, w, None, **form).relu())
 
 
 def _conv_inputs():
@@ -63,6 +64,11 @@ BAD_CONV_CALLS = {  # name: (kwargs edits, exception type, message fragment)
     "same with stride": (dict(padding="same", stride=2), ValueError, "not supported for strided"),
     "input not a tensor": (dict(input=[[1.0]]), TypeError, "must be Tensor"),
     "float stride": (dict(stride=1.5), TypeError, "stride must be an int"),
+    # Equal to the valid call's 1 as a dict key, so a plan must not answer for them:
+    "bool stride": (dict(stride=True), TypeError, "stride must be an int"),
+    "float stride equal to an int": (dict(stride=1.0), TypeError, "stride must be an int"),
+    "bool in a stride tuple": (dict(stride=(True, 1)), RuntimeError, "list of 2 values"),
+    "bool groups": (dict(groups=True), TypeError, "groups must be an int"),
 }
 
 
@@ -71,7 +77,10 @@ BAD_CONV_CALLS = {  # name: (kwargs edits, exception type, message fragment)
 def test_bad_conv_input_raises_clearly(case, backend):
     edits, error, fragment = BAD_CONV_CALLS[case]
     x, w, b = _conv_inputs()
-    args = dict(input=x, weight=w, bias=b, stride=1, padding=1, dilation=1, groups=1) | edits
+    valid = dict(input=x, weight=w, bias=b, stride=1, padding=1, dilation=1, groups=1)
+    args = valid | edits
+    with cnnkernels.use_backend(backend):
+        cnnkernels.conv2d_relu(**valid)  # leaves a plan for the valid call: the bad one must not use it
     with cnnkernels.use_backend(backend), pytest.raises(error, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         cnnkernels.conv2d_relu(**args)
 
@@ -80,6 +89,8 @@ def test_bad_conv_input_raises_clearly(case, backend):
 def test_bad_residual_and_other_raise_clearly(backend):
     x, w, b = _conv_inputs()
     with cnnkernels.use_backend(backend):
+        cnnkernels.conv2d_add_relu(x, w, torch.randn(2, 6, 8, 8), b, padding=1)  # plans for valid calls
+        cnnkernels.add_relu(torch.randn(2, 3), torch.randn(2, 3))
         with pytest.raises(RuntimeError, match=r"expected residual of size \[2, 6, 8, 8\]"):
             cnnkernels.conv2d_add_relu(x, w, torch.randn(2, 6, 8, 7), b, padding=1)
         with pytest.raises(RuntimeError, match="expected residual to have the same dtype"):
@@ -193,6 +204,61 @@ def test_auto_picks_the_cpu_kernels_and_falls_back_for_unsupported_calls(monkeyp
     assert len(calls) == 1  # "auto" fell back to the reference
     with cnnkernels.use_backend("cuda"), pytest.raises(NotImplementedError, match="pretend dtype"):
         cnnkernels.conv2d_relu(x, w, b)
+
+
+def test_repeated_calls_reuse_their_checks_and_backend_choice_until_something_changes(monkeypatch):
+    """A call of a signature seen before skips the argument checks and the backend choice
+    (cnnkernels/_call_plans.py); anything the choice reads, or a mode that must see the call,
+    makes it check and choose again."""
+    from cnnkernels import _call_plans, auto_choice, functional
+    checked, chosen = [], []
+    real_check, real_select = functional.conv_call, backends.select
+    monkeypatch.setattr(functional, "conv_call", lambda *a, **k: checked.append(1) or real_check(*a, **k))
+    monkeypatch.setattr(backends, "select", lambda *a: chosen.append(cnnkernels.get_backend()) or real_select(*a))
+    x, w, b = _conv_inputs()
+    residual = torch.randn(2, 6, 8, 8)
+
+    def counted(fn):
+        checked.clear(), chosen.clear()
+        out = fn()
+        return len(checked), len(chosen), out
+
+    expected = F.conv2d(x, w, b, padding=1).relu()
+    for backend in ["cuda", "torch"]:
+        with cnnkernels.use_backend(backend):
+            assert counted(lambda: cnnkernels.conv2d_relu(x, w, b, padding=1))[:2] == (1, 1)
+            n_checks, n_choices, out = counted(lambda: cnnkernels.conv2d_relu(x, w, b, padding=1))
+            assert (n_checks, n_choices) == (0, 0)
+            assert torch.allclose(out, expected)
+            out = cnnkernels.conv2d_relu(torch.randn_like(x), w, b, padding=1)  # new data, same signature
+            assert checked == [] and out.shape == expected.shape
+    with cnnkernels.use_backend("cuda"):
+        assert counted(lambda: cnnkernels.conv2d_relu(x, w, b, padding=(1, 1)))[:2] == (1, 1)  # another form
+        assert counted(lambda: cnnkernels.conv2d_relu(x.double(), w.double(), b.double(), padding=1))[:2] == (1, 1)
+        assert counted(lambda: cnnkernels.conv2d_relu(x, w, b, padding=[1, 1]))[:2] == (1, 1)  # lists: never planned
+        assert counted(lambda: cnnkernels.conv2d_relu(x, w, b, padding=[1, 1]))[:2] == (1, 1)
+        assert counted(lambda: cnnkernels.conv2d_relu(x[0], w, b, padding=1))[:2] == (1, 1)  # unbatched: never
+        assert counted(lambda: cnnkernels.conv2d_relu(x[0], w, b, padding=1))[:2] == (1, 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the signature is the cast call's
+            assert counted(lambda: cnnkernels.conv2d_relu(x, w, b, padding=1))[:2] == (1, 1)
+            n_checks, n_choices, out = counted(lambda: cnnkernels.conv2d_relu(x, w, b, padding=1))
+            assert (n_checks, n_choices, out.dtype) == (0, 0, torch.bfloat16)
+        with LogFunctions():
+            assert counted(lambda: cnnkernels.conv2d_relu(x, w, b, padding=1))[:2] == (1, 1)
+        cnnkernels.conv2d_add_relu(x, w, residual, b, padding=1)
+        assert counted(lambda: cnnkernels.conv2d_add_relu(x, w, residual, b, padding=1))[:2] == (0, 0)
+        assert counted(lambda: cnnkernels.conv2d_relu(x, w, b, padding=1))[:2] == (0, 0)
+        auto_choice.reload()  # a new auto_choice.json may choose differently
+        assert counted(lambda: cnnkernels.conv2d_relu(x, w, b, padding=1))[:2] == (1, 1)
+    y = torch.randn(2, 3)
+    cnnkernels.add_relu(y, y)
+    assert counted(lambda: cnnkernels.add_relu(y, y))[1] == 0
+    with cnnkernels.use_backend("torch"):
+        assert counted(lambda: cnnkernels.add_relu(y, y))[1] == 1
+    monkeypatch.setattr(_call_plans, "MAX_PLANS", 2)
+    for n in range(1, 6):  # many signatures: the table starts over rather than grow
+        cnnkernels.add_relu(torch.randn(n), torch.randn(n))
+        assert len(_call_plans._plans) <= 2
 
 
 def _python(code, **env):
