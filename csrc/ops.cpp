@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/conv2d_relu.h"
 #include "cpu/winograd.h"
 #ifdef CNNKERNELS_WITH_CUDA
 #include "cuda/cuda_kernels.h"
@@ -92,6 +93,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("kernels") = kernels;
   m.def("cpu_winograd_runs", &cnnkernels::cpu::winograd_runs,
         "How many convs this process has completed through the CPU Winograd kernel");
+  m.def("cpu_tiny_conv_runs", &cnnkernels::cpu::tiny_conv_runs,
+        "How many convs this process has run as tiny convs through ATen's im2col + GEMM kernel");
   m.def("conv2d_relu", &conv2d_relu, "torch.ops.cnnkernels.conv2d_relu, for plain eager calls");
   m.def("conv2d_add_relu", &conv2d_add_relu, "torch.ops.cnnkernels.conv2d_add_relu, for plain eager calls");
   m.def("add_relu", &add_relu, "torch.ops.cnnkernels.add_relu, for plain eager calls");

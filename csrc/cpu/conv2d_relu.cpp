@@ -1,6 +1,7 @@
 // Conv + bias (+ residual) + ReLU on the CPU. 3x3 stride-1 fp32 convs with enough channels run
 // through Winograd with the epilogue fused (winograd.cpp). Others: the convolution with its
 // bias, then one fused residual+ReLU pass in place.
+// Tiny fp32 convs (LeNet-5's; see tiny_conv) take ATen's own im2col + GEMM kernel.
 // For channels_last input the convolution is oneDNN's (mkldnn::_convolution_pointwise, the
 // primitive PyTorch's own CPU fusion uses) with the weight handed over already reordered into
 // oneDNN's blocked layout (cached: weight_cache.h), which saves 1.1-2.3x on layers with large
@@ -10,9 +11,11 @@
 // oneDNN's fused ReLU post-op is not used because it turns NaN into 0 (measured here with
 // torch 2.14.1), where torch.relu keeps NaN.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <atomic>
 #include <torch/library.h>
 
 #include "../conv_args.h"
+#include "conv2d_relu.h"
 #include "elementwise.h"
 #include "weight_cache.h"
 #include "winograd.h"
@@ -72,6 +75,44 @@ bool reordered_onednn_takes(const at::Tensor& x, const at::Tensor& w, int64_t gr
   return have_op && dtype_ok && w.numel() >= 1024 && !small;
 }
 
+// Whether ATen's im2col + GEMM kernel (thnn_conv2d) runs this conv: fp32, no groups or dilation
+// (which it lacks), at most 1e6 multiply-adds. There oneDNN's per-call setup costs more than the
+// work: LeNet-5's convs ran 31 vs 82 us (1>6 5x5 at 32x32) and 24 vs 64 us (6>16 5x5 at 14x14) at
+// batch 1, 39 vs 101 and 50 vs 74 us at batch 4, against at::convolution (which picks oneDNN). No
+// layer measured at or below 1e6 lost; above, 3-channel inputs already lost 1.6x at 1.8e6 (2 threads,
+// benchmarks/results/2026-12-06_CPU-AMD-EPYC-2-threads_tiny-convs.txt).
+std::atomic<int64_t> tiny_runs{0};
+
+bool tiny_conv(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+               at::IntArrayRef dilation, int64_t groups) {
+  if (x.scalar_type() != at::kFloat || groups != 1 || dilation[0] != 1 || dilation[1] != 1) return false;
+  const double out_h = (x.size(2) + 2 * padding[0] - w.size(2)) / stride[0] + 1;
+  const double out_w = (x.size(3) + 2 * padding[1] - w.size(3)) / stride[1] + 1;
+  const double macs = static_cast<double>(x.size(0)) * w.size(0) * out_h * out_w * w.size(1) * w.size(2) * w.size(3);
+  return macs <= 1e6;
+}
+
+// t with the canonical strides of `format`, copied only if it is not laid out that way. Size-1
+// dimensions leave a tensor contiguous in both formats with either strides, and thnn_conv2d picks
+// its layout from the strides.
+at::Tensor strided_as(const at::Tensor& t, at::MemoryFormat format) {
+  const at::Tensor c = t.contiguous(format);
+  const int64_t C = c.size(1), H = c.size(2), W = c.size(3);
+  const std::vector<int64_t> strides = format == at::MemoryFormat::ChannelsLast
+                                           ? std::vector<int64_t>{H * W * C, 1, W * C, C}
+                                           : std::vector<int64_t>{C * H * W, H * W, W, 1};
+  return c.as_strided(c.sizes(), strides);
+}
+
+// A tiny conv: thnn_conv2d in the input's layout, except with one input channel, where its
+// channels_last im2col ran 6x slower than NCHW (LeNet-5's first conv, batch 4: 232-270 vs 38 us)
+// and NCHW costs no copy.
+at::Tensor conv_tiny(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                     at::IntArrayRef stride, at::IntArrayRef padding, at::MemoryFormat format) {
+  const auto layout = x.size(1) == 1 ? at::MemoryFormat::Contiguous : format;
+  return at::thnn_conv2d(strided_as(x, layout), strided_as(w, layout), {w.size(2), w.size(3)}, bias, stride, padding);
+}
+
 at::Tensor conv2d_bias_act_cpu(const char* op, const at::Tensor& input, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
                                at::IntArrayRef stride, at::IntArrayRef padding,
@@ -85,10 +126,11 @@ at::Tensor conv2d_bias_act_cpu(const char* op, const at::Tensor& input, const at
   const at::Tensor x = input.contiguous(format);
   const at::Tensor r = residual.defined() ? residual.contiguous(format) : residual;
 
+  const bool tiny = tiny_conv(x, weight, stride, padding, dilation, groups);
   // The reordered weight makes oneDNN compute in channels_last: only for channels_last input. A
   // weight that changes between calls (training) is not reordered: at::convolution takes it.
   at::Tensor reordered;
-  if (format == at::MemoryFormat::ChannelsLast && reordered_onednn_takes(x, weight, groups)) {
+  if (!tiny && format == at::MemoryFormat::ChannelsLast && reordered_onednn_takes(x, weight, groups)) {
     const PreparedWeight prepared = prepared_weight(
         WeightForm::kOneDnnBlocked, weight, x.sizes(), stride, padding, dilation, groups,
         [&] { return reorder_for_onednn(weight, x.sizes(), stride, padding, dilation, groups); });
@@ -97,11 +139,12 @@ at::Tensor conv2d_bias_act_cpu(const char* op, const at::Tensor& input, const at
   // ATen computes in channels_last when either operand is: NCHW input takes an NCHW weight, so
   // that its output comes out NCHW without a copy back.
   const at::Tensor w = format == at::MemoryFormat::Contiguous ? weight.contiguous() : weight;
-  at::Tensor out = reordered.defined()
-                       ? conv_onednn(x, reordered, bias, stride, padding, dilation, groups)
-                       : at::convolution(x, w, bias, stride, padding, dilation, /*transposed=*/false, {0, 0}, groups);
+  at::Tensor out = tiny                 ? conv_tiny(x, weight, bias, stride, padding, format)
+                   : reordered.defined() ? conv_onednn(x, reordered, bias, stride, padding, dilation, groups)
+                   : at::convolution(x, w, bias, stride, padding, dilation, /*transposed=*/false, {0, 0}, groups);
   out = out.contiguous(format);
   add_relu_dense(out, r, out);
+  if (tiny) tiny_runs.fetch_add(1, std::memory_order_relaxed);
   return out;
 }
 
@@ -120,6 +163,8 @@ at::Tensor conv2d_add_relu_cpu(const at::Tensor& input, const at::Tensor& weight
 }
 
 }  // namespace
+
+int64_t tiny_conv_runs() { return tiny_runs.load(std::memory_order_relaxed); }
 
 TORCH_LIBRARY_IMPL(cnnkernels, CPU, m) {
   m.impl("conv2d_relu", &conv2d_relu_cpu);

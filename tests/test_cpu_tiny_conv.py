@@ -1,0 +1,99 @@
+"""The CPU tiny-conv path of the C++ backend (csrc/cpu/conv2d_relu.cpp, tiny_conv): fp32 convs of
+at most 1e6 multiply-adds, without groups or dilation, run ATen's im2col + GEMM kernel instead of
+oneDNN. Each test checks the result against float64 (check_conv: poisoned outputs, memory format,
+inputs unchanged) and, through the extension's run counter, which path ran."""
+import pytest
+import torch
+
+from cnnkernels import _extension
+from test_ops import check_conv, in_layout, seeded
+
+BACKENDS = ["cuda", "auto"]  # the C++ backend on CPU tensors, and what auto picks for fp32
+
+
+def tiny_runs():
+    return _extension.require().cpu_tiny_conv_runs()
+
+
+def laid_out(t, layout):
+    """in_layout, plus "channels_last_strides": channels_last strides even where a size-1 dimension
+    lets .contiguous(memory_format=torch.channels_last) keep NCHW ones (.to(memory_format=) gives
+    these: a model's one-channel input and first conv's weight)."""
+    if layout == "channels_last_strides":
+        return torch.empty_like(t, memory_format=torch.channels_last).copy_(t)
+    return in_layout(t, layout)
+
+
+def run(backend, n, c, k, h, w, kernel, geometry, layout="channels_last", residual=False, dtype=torch.float32,
+        expect_tiny=True):
+    seeded()
+    x = laid_out(torch.randn(n, c, h, w), layout).to(dtype)
+    weight = (torch.randn(k, c // geometry.get("groups", 1), *kernel) / (c * kernel[0] * kernel[1]) ** 0.5).to(dtype)
+    if layout == "channels_last_strides":
+        weight = laid_out(weight, layout)
+    bias = torch.randn(k).to(dtype)
+    full = dict(stride=1, padding=0, dilation=1, groups=1) | geometry
+    res = None
+    if residual:
+        ref = torch.nn.functional.conv2d(x.float(), weight.float(), None, **full)
+        res = laid_out(torch.randn(ref.shape), layout).to(dtype)
+    before = tiny_runs()
+    check_conv(backend, "conv2d_add_relu" if residual else "conv2d_relu", x, weight, bias, full, res)
+    assert tiny_runs() - before == int(expect_tiny)
+
+
+# (N, C, K, H, W, kernel, geometry): what each case exercises
+TINY = {
+    "lenet5_conv1": (1, 1, 6, 32, 32, (5, 5), {}),
+    "lenet5_conv2_batch4": (4, 6, 16, 14, 14, (5, 5), {}),
+    "non_square_strided_padded": (2, 3, 5, 11, 9, (3, 5), dict(stride=(2, 1), padding=(1, 2))),
+    "one_by_one_odd_channels": (3, 7, 9, 6, 5, (1, 1), {}),
+    "exactly_1e6_multiply_adds": (1, 10, 10, 100, 100, (1, 1), {}),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["channels_last", "channels_last_strides", "nchw", "sliced"])
+@pytest.mark.parametrize("case", TINY)
+def test_tiny_fp32_convs_take_aten_im2col_gemm(case, layout, backend):
+    n, c, k, h, w, kernel, geometry = TINY[case]
+    run(backend, n, c, k, h, w, kernel, geometry, layout=layout)
+    run(backend, n, c, k, h, w, kernel, geometry, layout=layout, residual=True)
+
+
+# Just above the threshold, so that fp32 geometry and layouts keep their coverage of the other path
+ABOVE = {
+    "non_square_strided_padded": (4, 8, 16, 20, 20, (3, 5), dict(stride=(2, 1), padding=(1, 2))),
+    "one_by_one_odd_channels": (4, 17, 33, 24, 24, (1, 1), {}),
+}
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "sliced"])
+@pytest.mark.parametrize("case", ABOVE)
+def test_fp32_convs_above_the_threshold_do_not(case, layout):
+    n, c, k, h, w, kernel, geometry = ABOVE[case]
+    run("cuda", n, c, k, h, w, kernel, geometry, layout=layout, expect_tiny=False)
+    run("cuda", n, c, k, h, w, kernel, geometry, layout=layout, residual=True, expect_tiny=False)
+
+
+@pytest.mark.parametrize("case", [
+    dict(dilation=2), dict(groups=2), dict(dtype=torch.bfloat16), dict(over_1e6=True),
+])
+def test_other_convs_do_not(case):
+    if case.get("over_1e6"):  # one more row of output pixels than exactly_1e6_multiply_adds
+        run("cuda", 1, 10, 10, 101, 100, (1, 1), {}, expect_tiny=False)
+        return
+    geometry = {key: case[key] for key in ("dilation", "groups") if key in case}
+    run("cuda", 2, 4, 6, 12, 12, (3, 3), geometry | dict(padding=1), dtype=case.get("dtype", torch.float32),
+        expect_tiny=False)
+
+
+def test_nan_propagates_through_the_tiny_path():
+    x, weight, bias = torch.randn(1, 1, 32, 32), torch.randn(6, 1, 5, 5), torch.randn(6)
+    x[0, 0, 7, 9] = float("nan")
+    before = tiny_runs()
+    out = torch.ops.cnnkernels.conv2d_relu(x, weight, bias, [1, 1], [0, 0], [1, 1], 1)
+    assert tiny_runs() - before == 1
+    expected = torch.nn.functional.conv2d(x, weight, bias).relu()
+    assert torch.equal(out.isnan(), expected.isnan()) and out.isnan().any()
+    assert torch.allclose(out.nan_to_num(0.0), expected.nan_to_num(0.0), atol=1e-5)
