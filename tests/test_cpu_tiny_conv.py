@@ -49,6 +49,8 @@ TINY = {
     "non_square_strided_padded": (2, 3, 5, 11, 9, (3, 5), dict(stride=(2, 1), padding=(1, 2))),
     "one_by_one_odd_channels": (3, 7, 9, 6, 5, (1, 1), {}),
     "exactly_1e6_multiply_adds": (1, 10, 10, 100, 100, (1, 1), {}),
+    "stride_past_the_kernel": (1, 3, 4, 5, 5, (2, 2), dict(stride=3, padding=2)),
+    "empty_batch": (0, 3, 4, 7, 7, (3, 3), dict(padding=1)),
 }
 
 
