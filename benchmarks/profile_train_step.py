@@ -16,6 +16,36 @@ from cnnkernels.bench.train import TrainStep, build_models, make_batch, num_clas
 WARMUP, PROFILED = 3, 3
 
 
+class TritonCompiles:
+    """Counts the Triton kernels compiled (or loaded from the disk cache) inside the block: after
+    warm-up there should be none; a kernel that respecializes every step would show here."""
+
+    def __enter__(self):
+        self.names = []
+        try:
+            import triton.knobs
+            self.knobs = triton.knobs.runtime
+        except (ImportError, AttributeError):  # Tritons before knobs: not counted
+            self.knobs = None
+            return self
+        self.previous = self.knobs.jit_cache_hook
+
+        def hook(**kwargs):
+            self.names.append(kwargs["fn"].name)
+            return False  # compile as usual
+        self.knobs.jit_cache_hook = hook
+        return self
+
+    def __exit__(self, *exc):
+        if self.knobs is not None:
+            self.knobs.jit_cache_hook = self.previous
+
+    def __str__(self):
+        if self.knobs is None:
+            return "Triton compiles: not counted (this Triton has no knobs.runtime.jit_cache_hook)"
+        return f"Triton compiles during the profiled steps: {len(self.names)} {sorted(set(self.names))}"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet50")
@@ -34,7 +64,7 @@ def main():
         for _ in range(WARMUP):
             step()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with TritonCompiles() as compiles, profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             start = time.perf_counter()
             for _ in range(PROFILED):
                 step()
@@ -45,6 +75,7 @@ def main():
         launches = sum(e.count for e in events if e.self_device_time_total > 0) / PROFILED
         print(f"== {contender}: {args.model}@{args.batch} bf16, {wall_ms:.1f} ms per step (profiled), "
               f"GPU busy {gpu_ms:.1f} ms, {launches:.0f} kernels per step")
+        print(compiles)
         print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=70))
         print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=70))
         if args.trace_dir:
