@@ -5,6 +5,7 @@ inputs unchanged) and, through the extension's run counter, which path ran."""
 import pytest
 import torch
 
+import cnnkernels
 from cnnkernels import _extension
 from test_ops import check_conv, in_layout, seeded
 
@@ -99,3 +100,49 @@ def test_nan_propagates_through_the_tiny_path():
     expected = torch.nn.functional.conv2d(x, weight, bias).relu()
     assert torch.equal(out.isnan(), expected.isnan()) and out.isnan().any()
     assert torch.allclose(out.nan_to_num(0.0), expected.nan_to_num(0.0), atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "channels_last_strides", "nchw", "sliced"])
+@pytest.mark.parametrize("case", ["lenet5_conv1", "lenet5_conv2_batch4", "non_square_strided_padded"])
+def test_tiny_fp32_convs_backward_takes_aten_im2col_gemm(case, layout):
+    """Input, weight, bias and residual gradients against float64, in the layouts PyTorch gives
+    them, with the tiny backward run (the counter counts the forward and the backward)."""
+    n, c, k, h, w, kernel, geometry = TINY[case]
+    seeded()
+    full = dict(stride=1, padding=0, dilation=1, groups=1) | geometry
+    x = laid_out(torch.randn(n, c, h, w), layout).requires_grad_()
+    weight = torch.randn(k, c, *kernel) / (c * kernel[0] * kernel[1]) ** 0.5
+    weight = (laid_out(weight, layout) if layout == "channels_last_strides" else weight).requires_grad_()
+    bias = torch.randn(k, requires_grad=True)
+    residual = laid_out(torch.randn(torch.nn.functional.conv2d(x, weight, None, **full).shape), layout).requires_grad_()
+    grad = torch.randn(residual.shape)
+    before = tiny_runs()
+    with cnnkernels.use_backend("cuda"):
+        out = cnnkernels.conv2d_add_relu(x, weight, residual, bias, **full)
+    ours = torch.autograd.grad(out, (x, weight, bias, residual), grad)
+    assert tiny_runs() - before == 2
+    ref_inputs = [t.detach().double().requires_grad_() for t in (x, weight, bias, residual)]
+    ref_out = torch.relu(torch.nn.functional.conv2d(*ref_inputs[:3], **full) + ref_inputs[3])
+    refs = torch.autograd.grad(ref_out, ref_inputs, grad.double())
+    plain = [t.detach().requires_grad_() for t in (x, weight, bias, residual)]
+    torch_grads = torch.autograd.grad(torch.relu(torch.nn.functional.conv2d(*plain[:3], **full) + plain[3]), plain, grad)
+    for got, ref, theirs in zip(ours, refs, torch_grads):
+        assert (got - ref).norm() <= 2 * (theirs.double() - ref).norm() + 1e-5 * ref.norm()
+        assert got.stride() == theirs.stride(), (got.stride(), theirs.stride())
+
+
+def test_double_backward_does_not_take_the_tiny_backward():
+    """create_graph=True records the backward, which ATen's im2col + GEMM backward under our
+    autograd would not: the gradient of the gradient must still be right."""
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float32, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, requires_grad=True)
+    before = tiny_runs()
+    out = torch.ops.cnnkernels.conv2d_relu(x, weight, None, [1, 1], [1, 1], [1, 1], 1)
+    (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    assert tiny_runs() - before == 1  # the forward only
+    (ggw,) = torch.autograd.grad(gx.sum(), weight)
+    x2, w2 = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    (gx2,) = torch.autograd.grad(torch.relu(torch.nn.functional.conv2d(x2, w2, None, 1, 1)).square().sum(), x2,
+                                 create_graph=True)
+    (ggw2,) = torch.autograd.grad(gx2.sum(), w2)
+    assert torch.allclose(gx, gx2, atol=1e-4) and torch.allclose(ggw, ggw2, atol=1e-3, rtol=1e-3)

@@ -104,12 +104,16 @@ at::Tensor strided_as(const at::Tensor& t, at::MemoryFormat format) {
   return c.as_strided(c.sizes(), strides);
 }
 
-// A tiny conv: thnn_conv2d in the input's layout, except with one input channel, where its
-// channels_last im2col ran 6x slower than NCHW (LeNet-5's first conv, batch 4: 232-270 vs 38 us)
-// and NCHW costs no copy.
+// The layout a tiny conv computes in: the input's, except with one input channel, where ATen's
+// channels_last im2col ran 6x slower than NCHW (LeNet-5's first conv, batch 4: 232-270 vs 38 us;
+// its backward 2x) and NCHW costs no copy of the input.
+at::MemoryFormat tiny_layout(const at::Tensor& x, at::MemoryFormat format) {
+  return x.size(1) == 1 ? at::MemoryFormat::Contiguous : format;
+}
+
 at::Tensor conv_tiny(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                      at::IntArrayRef stride, at::IntArrayRef padding, at::MemoryFormat format) {
-  const auto layout = x.size(1) == 1 ? at::MemoryFormat::Contiguous : format;
+  const auto layout = tiny_layout(x, format);
   return at::thnn_conv2d(strided_as(x, layout), strided_as(w, layout), {w.size(2), w.size(3)}, bias, stride, padding);
 }
 
@@ -163,6 +167,31 @@ at::Tensor conv2d_add_relu_cpu(const at::Tensor& input, const at::Tensor& weight
 }
 
 }  // namespace
+
+// Backward: convolution_backward (oneDNN) ran tiny convs' input and weight gradients 1.3-3.4x slower
+// than this (LeNet-5's: 172 vs 79 and 281 vs 136 us at batch 1, 274 vs 132 and 225 vs 173 at batch 4;
+// benchmarks/results/2026-12-06_CPU-AMD-EPYC-2-threads_tiny-convs.txt).
+std::tuple<at::Tensor, at::Tensor> tiny_conv_backward(const at::Tensor& grad, const at::Tensor& input,
+                                                      const at::Tensor& weight, at::IntArrayRef stride,
+                                                      at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                      int64_t groups, bool input_grad, bool weight_grad) {
+  if (!tiny_conv(input, weight, stride, padding, dilation, groups) || grad.scalar_type() != at::kFloat ||
+      weight.scalar_type() != at::kFloat) {
+    return {};
+  }
+  const auto layout = tiny_layout(input, output_memory_format(input));
+  auto [grad_input, grad_weight, grad_bias] = at::_slow_conv2d_backward(
+      strided_as(grad, layout), strided_as(input, layout), strided_as(weight, layout), {weight.size(2), weight.size(3)},
+      stride, padding, {input_grad, weight_grad, false});
+  // In the layout convolution_backward gives both: channels_last when either operand is.
+  const bool channels_last = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+                             weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const auto grads_format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  if (grad_input.defined()) grad_input = strided_as(grad_input, grads_format);
+  if (grad_weight.defined()) grad_weight = strided_as(grad_weight, grads_format);
+  tiny_runs.fetch_add(1, std::memory_order_relaxed);
+  return {grad_input, grad_weight};
+}
 
 int64_t tiny_conv_runs() { return tiny_runs.load(std::memory_order_relaxed); }
 

@@ -1,10 +1,22 @@
 #pragma once
+#include <ATen/ATen.h>
+
 #include <cstdint>
+#include <tuple>
 
 namespace cnnkernels::cpu {
 
-// How many convs this process has run through ATen's im2col + GEMM kernel as tiny convs
-// (conv2d_relu.cpp's tiny_conv; tests check which path ran).
+// The input and weight gradients (each only if asked) of a tiny fp32 CPU conv (conv2d_relu.cpp's
+// tiny_conv), through ATen's im2col + GEMM backward, with the strides convolution_backward gives
+// them; two undefined tensors when the conv is not tiny. Plain CPU tensors only, outside autograd
+// recording: the caller keeps traced tensors and create_graph=True away.
+std::tuple<at::Tensor, at::Tensor> tiny_conv_backward(const at::Tensor& grad, const at::Tensor& input,
+                                                      const at::Tensor& weight, at::IntArrayRef stride,
+                                                      at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                      int64_t groups, bool input_grad, bool weight_grad);
+
+// How many tiny-conv passes (forward, or backward) this process has run through ATen's
+// im2col + GEMM kernels (tests check which path ran).
 int64_t tiny_conv_runs();
 
 }  // namespace cnnkernels::cpu
