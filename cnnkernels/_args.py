@@ -186,7 +186,15 @@ def plain_eager(*args):
     return True
 
 
-MAX_CACHED = 4096  # entries per shape-keyed cache; many distinct shapes (dynamic sizes) start it over
+MAX_CACHED = 4096  # entries per cache of ours; many distinct shapes (dynamic sizes) start it over
+
+
+def remember(cache: dict, key, value):
+    """cache[key] = value, in a cache of at most MAX_CACHED entries; returns value."""
+    if len(cache) >= MAX_CACHED:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def shape_cached(cache: dict, t, make):
@@ -198,9 +206,7 @@ def shape_cached(cache: dict, t, make):
     except TypeError:
         return make(t)
     if value is None:
-        if len(cache) >= MAX_CACHED:
-            cache.clear()
-        value = cache[key] = make(t)
+        value = remember(cache, key, make(t))
     return value
 
 

@@ -14,11 +14,9 @@ reshape the call).
 
 Whatever else backend choice reads changes only by auto_choice.reload(), which calls clear().
 """
-import torch
+from ._args import plain_eager, remember
 
-MAX_PLANS = 4096  # distinct signatures kept; many (dynamic shapes) start the table over
-
-_plans: dict = {}
+_plans: dict = {}  # at most _args.MAX_CACHED signatures; many (dynamic shapes) start it over
 
 
 def clear():
@@ -40,14 +38,9 @@ def _tensor_key(t):
     return None if t is None else (type(t), t.shape, t.dtype, t.device, t.layout)
 
 
-def _plannable():
-    """Whether calls made now may use or leave plans."""
-    return not (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled())
-
-
 def conv_key(op, backend_name, input, weight, bias, residual, stride, padding, dilation, groups):
     """The signature of a conv call, or None where it cannot have a plan."""
-    if not _plannable():
+    if not plain_eager():  # nothing compiling, no __torch_function__ mode
         return None
     try:
         return (op, backend_name, type(input), input.shape, input.dtype, input.device, input.layout,
@@ -60,7 +53,7 @@ def conv_key(op, backend_name, input, weight, bias, residual, stride, padding, d
 
 def add_relu_key(backend_name, input, other):
     """The signature of an add_relu call, or None where it cannot have a plan."""
-    if not _plannable():
+    if not plain_eager():  # nothing compiling, no __torch_function__ mode
         return None
     try:
         return ("add_relu", backend_name, type(input), input.shape, input.dtype, input.device, input.layout,
@@ -74,8 +67,5 @@ def get(key):
 
 
 def keep(key, plan):
-    if key is None:
-        return
-    if len(_plans) >= MAX_PLANS:
-        _plans.clear()
-    _plans[key] = plan
+    if key is not None:
+        remember(_plans, key, plan)

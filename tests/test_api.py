@@ -210,7 +210,7 @@ def test_repeated_calls_reuse_their_checks_and_backend_choice_until_something_ch
     """A call of a signature seen before skips the argument checks and the backend choice
     (cnnkernels/_call_plans.py); anything the choice reads, or a mode that must see the call,
     makes it check and choose again."""
-    from cnnkernels import _call_plans, auto_choice, functional
+    from cnnkernels import _args, _call_plans, auto_choice, functional
     checked, chosen = [], []
     real_check, real_select = functional.conv_call, backends.select
     monkeypatch.setattr(functional, "conv_call", lambda *a, **k: checked.append(1) or real_check(*a, **k))
@@ -255,7 +255,7 @@ def test_repeated_calls_reuse_their_checks_and_backend_choice_until_something_ch
     assert counted(lambda: cnnkernels.add_relu(y, y))[1] == 0
     with cnnkernels.use_backend("torch"):
         assert counted(lambda: cnnkernels.add_relu(y, y))[1] == 1
-    monkeypatch.setattr(_call_plans, "MAX_PLANS", 2)
+    monkeypatch.setattr(_args, "MAX_CACHED", 2)
     for n in range(1, 6):  # many signatures: the table starts over rather than grow
         cnnkernels.add_relu(torch.randn(n), torch.randn(n))
         assert len(_call_plans._plans) <= 2

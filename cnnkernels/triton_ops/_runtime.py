@@ -62,10 +62,10 @@ def call_op(op, *args, mutated=(), autograd=None):
     the call is plain eager work: plain tensors, and nothing compiling, intercepting
     (__torch_function__ or dispatch modes, functorch transforms) or profiling. The body
     (triton_op's eager kernel, which turns wrap_triton off itself) launches the Triton kernels,
-    and the `mutated` tensors get the version bump the op's ADInplaceOrView kernel would give them. A call that autograd tracks runs the
-    body inside an autograd.Function with the op's registered rule, `autograd` (an AutogradRule
-    of cnnkernels/_registration.py), or takes the dispatcher without one. Any other call goes
-    through the dispatcher.
+    and the `mutated` tensors get the version bump the op's ADInplaceOrView kernel would give
+    them. A call that autograd tracks runs the body inside an autograd.Function with the op's
+    registered rule, `autograd` (an AutogradRule of cnnkernels/_registration.py), or takes the
+    dispatcher without one. Any other call goes through the dispatcher.
 
     The dispatcher's way cost, per call on the CPU dev box (benchmarks/results/
     2026-12-05_CPU-AMD-EPYC-2-threads_host-overhead*.txt): about 90 us per fused BN forward and

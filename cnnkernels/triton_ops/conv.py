@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .._args import MAX_CACHED, PLAIN_TENSORS, output_memory_format
+from .._args import PLAIN_TENSORS, output_memory_format, remember
 from . import _autotune, _runtime
 from ._runtime import store_cast
 
@@ -721,9 +721,7 @@ def _conv2d_fused(input, weight, residual, bias, stride, padding, dilation, grou
     if plan is None:
         plan = _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
         if key is not None:
-            if len(_PLANS) >= MAX_CACHED:
-                _PLANS.clear()
-            _PLANS[key] = plan
+            remember(_PLANS, key, plan)
     out = torch.empty(plan.out_shape, dtype=input.dtype, device=input.device, memory_format=plan.out_format)
     if plan.launch is not None and _runtime.should_launch(_conv_gemm_kernel, input, weight, bias, residual):
         x = input.contiguous(memory_format=torch.channels_last) if plan.copy_input else input
