@@ -246,7 +246,14 @@ CUTLASS_CASES = {
     "3x1": (2, 8, 9, 8, 8, (3, 1), 1, (1, 0), 1, 1),
     "1x5_s12": (1, 8, 7, 12, 16, (1, 5), (1, 2), (0, 2), 1, 1),
     "11x11_s4": (1, 8, 35, 35, 16, (11, 11), 4, 2, 1, 1),
+    # Strided 1x1 without padding, more than 64 output channels: the persistent GEMM over every
+    # stride-th pixel (odd sizes, channels padded 20 -> 24, a non-square stride, an idle dilation).
     "1x1_s2": (2, 64, 14, 14, 128, (1, 1), 2, 0, 1, 1),
+    "1x1_s2_gemm_odd": (2, 20, 13, 15, 72, (1, 1), 2, 0, 1, 1),
+    "1x1_s32_gemm": (1, 16, 9, 11, 96, (1, 1), (3, 2), 0, 1, 1),
+    "1x1_s2_dilation2_gemm": (1, 16, 9, 9, 80, (1, 1), 2, 0, 2, 1),
+    "1x1_s2_k64": (2, 64, 14, 14, 64, (1, 1), 2, 0, 1, 1),  # narrow: still the conv kernel
+    "1x1_s2_padded": (1, 16, 9, 9, 96, (1, 1), 2, 1, 1, 1),  # padded: still the conv kernel
     # 1x1, stride 1, more than 64 output channels: the persistent GEMM (a partial row tile in the first).
     "1x1_gemm_k96": (2, 32, 7, 9, 96, (1, 1), 1, 0, 1, 1),
     "1x1_gemm_wide": (1, 64, 14, 14, 256, (1, 1), 1, 0, 1, 1),

@@ -6,8 +6,9 @@
 // 16-byte-aligned tensors with in channels a multiple of 8, so other inputs are copied once into
 // that form (zero channels appended, e.g. 12 -> 16; an NCHW output copied back): far cheaper than
 // running such a conv on CUDA cores. A stem (fewer than 16 in channels, e.g. RGB) runs instead as
-// a 1x1 conv over its packed windows (pack_windows.cuh), and a 1x1 stride-1 conv with more than
-// 64 output channels as CUTLASS's persistent GEMM. Everything else, fp32 (IEEE, no TF32)
+// a 1x1 conv over its packed windows (pack_windows.cuh), and a 1x1 unpadded conv with more than
+// 64 output channels as CUTLASS's persistent GEMM (a strided one, ResNet's downsampling convs,
+// over a copy of every stride-th pixel). Everything else, fp32 (IEEE, no TF32)
 // and fp64 included, runs the generic kernels of conv_generic.cuh.
 //
 // CNNKERNELS_CUDA_CONV (read on every call) picks the kernel for tests and benchmarks:
@@ -192,14 +193,31 @@ bool packs_windows(const ConvShape& s) {
   return s.C < 16 && s.R * s.S > 1 && s.N * s.OH * s.OW <= std::numeric_limits<int32_t>::max();
 }
 
-// The conv as the CUTLASS kernel runs it: input channels padded with zeros to a multiple of 8,
-// or, for a stem, the 1x1 conv over its packed windows.
+// A strided 1x1 conv without padding is the stride-1 1x1 conv over every stride-th pixel: copied
+// out once (a quarter of the input at stride 2), it runs as the persistent GEMM. On the H200 the
+// conv kernel ran ResNet-50's strided downsampling convs at 0.57-0.83x cuDNN's fused conv, while
+// its stride-1 1x1 layers of the same FLOPs ran 0.92-1.16x as the GEMM
+// (benchmarks/results/2026-11-28_NVIDIA-H200_torch2.11.0-cu130_triton3.6.0-run2-resnet50.txt).
+// Only where the result is the GEMM: more than 64 output channels.
+bool subsamples(const ConvShape& s) {
+  return s.R == 1 && s.S == 1 && s.pad_h == 0 && s.pad_w == 0 && (s.stride_h > 1 || s.stride_w > 1) &&
+         s.K > cutlass_sm90::kNarrowTileN;
+}
+
+// Every stride-th pixel of the input of a conv that subsamples(): a (N, C, OH, OW) view.
+at::Tensor subsampled(const ConvShape& s, const at::Tensor& input) {
+  return input.slice(2, 0, (s.OH - 1) * s.stride_h + 1, s.stride_h).slice(3, 0, (s.OW - 1) * s.stride_w + 1, s.stride_w);
+}
+
+// The conv as the CUTLASS kernel runs it: input channels padded with zeros to a multiple of 8;
+// for a stem, the 1x1 conv over its packed windows; for a strided 1x1 conv that subsamples(), the
+// stride-1 one over its subsampled input.
 ConvProblem geometry_of(const ConvShape& s) {
   ConvProblem p;
   p.N = static_cast<int>(s.N); p.K = static_cast<int>(s.K);
-  if (packs_windows(s)) {  // R = S = 1, no padding, stride and dilation 1: the struct's defaults
+  if (packs_windows(s) || subsamples(s)) {  // R = S = 1, no padding, stride and dilation 1: the struct's defaults
     p.H = p.P = static_cast<int>(s.OH); p.W = p.Q = static_cast<int>(s.OW);
-    p.C = static_cast<int>(padded_channels(s.C * s.R * s.S));
+    p.C = static_cast<int>(padded_channels(packs_windows(s) ? s.C * s.R * s.S : s.C));
     p.R = p.S = 1;
     return p;
   }
@@ -296,7 +314,8 @@ void run_cutlass(const char* op, const ConvShape& s, const at::Tensor& input, co
   const auto CL = at::MemoryFormat::ChannelsLast;
   ConvProblem p = geometry_of(s);
   const bool packed = packs_windows(s);
-  const at::Tensor x = packed ? packed_windows(s, input, p.C, stream) : as_tma_operand(input, p.C);
+  const at::Tensor x = packed ? packed_windows(s, input, p.C, stream)
+                               : as_tma_operand(subsamples(s) ? subsampled(s, input) : input, p.C);
   const at::Tensor w = packed ? packed_weight(weight, p.C) : as_tma_operand(weight, p.C);
   const at::Tensor res = residual.defined() ? as_tma_operand(residual, s.K) : at::Tensor();
   at::Tensor b = bias;
