@@ -233,7 +233,7 @@ def test_generic_conv(case, dtype, layout, residual):
 # The CUTLASS sm90 kernel: bf16 and fp16, groups == 1, K % 8 == 0
 
 CUTLASS_CASES = {
-    "1x1": (2, 16, 7, 9, 24, (1, 1), 1, 0, 1, 1),
+    "1x1": (2, 16, 7, 9, 24, (1, 1), 1, 0, 1, 1),  # the persistent GEMM's 64-wide tile, 24 columns used
     "3x3": (2, 32, 10, 9, 64, (3, 3), 1, 1, 1, 1),
     "3x3_s2": (1, 16, 13, 11, 32, (3, 3), 2, 1, 1, 1),
     # Fewer than 16 input channels and a kernel above 1x1: a 1x1 conv over the packed windows.
@@ -246,17 +246,20 @@ CUTLASS_CASES = {
     "3x1": (2, 8, 9, 8, 8, (3, 1), 1, (1, 0), 1, 1),
     "1x5_s12": (1, 8, 7, 12, 16, (1, 5), (1, 2), (0, 2), 1, 1),
     "11x11_s4": (1, 8, 35, 35, 16, (11, 11), 4, 2, 1, 1),
-    # Strided 1x1 without padding, more than 64 output channels: the persistent GEMM over every
-    # stride-th pixel (odd sizes, channels padded 20 -> 24, a non-square stride, an idle dilation).
+    # Strided 1x1 without padding: the persistent GEMM over every stride-th pixel (odd sizes,
+    # channels padded 20 -> 24, a non-square stride, an idle dilation, the 64-wide tile).
     "1x1_s2": (2, 64, 14, 14, 128, (1, 1), 2, 0, 1, 1),
     "1x1_s2_gemm_odd": (2, 20, 13, 15, 72, (1, 1), 2, 0, 1, 1),
     "1x1_s32_gemm": (1, 16, 9, 11, 96, (1, 1), (3, 2), 0, 1, 1),
     "1x1_s2_dilation2_gemm": (1, 16, 9, 9, 80, (1, 1), 2, 0, 2, 1),
-    "1x1_s2_k64": (2, 64, 14, 14, 64, (1, 1), 2, 0, 1, 1),  # narrow: still the conv kernel
-    "1x1_s2_padded": (1, 16, 9, 9, 96, (1, 1), 2, 1, 1, 1),  # padded: still the conv kernel
-    # 1x1, stride 1, more than 64 output channels: the persistent GEMM (a partial row tile in the first).
+    "1x1_s2_k64": (2, 64, 14, 14, 64, (1, 1), 2, 0, 1, 1),
+    "1x1_s2_padded": (1, 16, 9, 9, 96, (1, 1), 2, 1, 1, 1),  # padded: the conv kernel
+    # 1x1, stride 1: the persistent GEMM (a partial row tile in the first; 128-wide tiles above 64
+    # output channels, 64-wide ones at most).
     "1x1_gemm_k96": (2, 32, 7, 9, 96, (1, 1), 1, 0, 1, 1),
     "1x1_gemm_wide": (1, 64, 14, 14, 256, (1, 1), 1, 0, 1, 1),
+    "1x1_gemm_k64": (2, 256, 14, 14, 64, (1, 1), 1, 0, 1, 1),
+    "1x1_gemm_k40": (1, 72, 9, 7, 40, (1, 1), 1, 0, 1, 1),  # a partial 64-wide column tile
     "stem_gemm_k128": (1, 3, 16, 16, 128, (3, 3), 1, 1, 1, 1),  # packed windows, then the GEMM
     "c136_k200": (1, 136, 9, 9, 200, (3, 3), 1, 1, 1, 1),  # partial channel and column tiles
     "resnet_3x3": (4, 64, 28, 28, 64, (3, 3), 1, 1, 1, 1),

@@ -6,9 +6,10 @@
 // 16-byte-aligned tensors with in channels a multiple of 8, so other inputs are copied once into
 // that form (zero channels appended, e.g. 12 -> 16; an NCHW output copied back): far cheaper than
 // running such a conv on CUDA cores. A stem (fewer than 16 in channels, e.g. RGB) runs instead as
-// a 1x1 conv over its packed windows (pack_windows.cuh), and a 1x1 unpadded conv with more than
-// 64 output channels as CUTLASS's persistent GEMM (a strided one, ResNet's downsampling convs,
-// over a copy of every stride-th pixel). Everything else, fp32 (IEEE, no TF32)
+// a 1x1 conv over its packed windows (pack_windows.cuh), and a 1x1 unpadded conv as CUTLASS's
+// persistent GEMM (a strided one, ResNet's downsampling convs, over a copy of every stride-th
+// pixel). Both kernels take 64-wide output-channel tiles for at most 64 output channels, else
+// 128-wide ones. Everything else, fp32 (IEEE, no TF32)
 // and fp64 included, runs the generic kernels of conv_generic.cuh.
 //
 // CNNKERNELS_CUDA_CONV (read on every call) picks the kernel for tests and benchmarks:
@@ -155,24 +156,27 @@ using cutlass_sm90::Element;
 using cutlass_sm90::Sm90ConvBiasResidualRelu;
 
 // Whether the CUTLASS problem runs as the persistent GEMM (conv_cutlass_sm90_gemm.cuh): 1x1, stride 1,
-// unpadded (packed stems included), and more than 64 output channels; narrower ones take the conv
-// kernel's 64-wide tile.
+// unpadded (packed stems and subsampled strided 1x1 convs included).
 bool runs_as_gemm(const ConvProblem& p) {
-  return p.R == 1 && p.S == 1 && p.stride_h == 1 && p.stride_w == 1 && p.pad_h == 0 && p.pad_w == 0 &&
-         p.K > cutlass_sm90::kNarrowTileN;
+  return p.R == 1 && p.S == 1 && p.stride_h == 1 && p.stride_w == 1 && p.pad_h == 0 && p.pad_w == 0;
 }
 
 // Calls f with the CUTLASS kernel for this dtype and problem (as a value of its type): the
-// persistent GEMM for 1x1 convs, else the conv kernel with a 64-wide tile for at most 64 output
-// channels or a 128-wide one.
+// persistent GEMM for 1x1 convs, else the conv kernel; each with a 64-wide tile for at most 64
+// output channels, else a 128-wide one.
 template <typename F>
 auto with_cutlass_kernel(at::ScalarType dtype, const ConvProblem& p, F&& f) {
   using cutlass_sm90::kNarrowTileN;
   using cutlass_sm90::kWideTileN;
   using cutlass_sm90::Sm90GemmBiasResidualRelu;
   const bool bf16 = dtype == at::kBFloat16;
+  if (runs_as_gemm(p) && p.K <= kNarrowTileN) {
+    return bf16 ? f(Sm90GemmBiasResidualRelu<Element::kBF16, kNarrowTileN>{})
+                : f(Sm90GemmBiasResidualRelu<Element::kFP16, kNarrowTileN>{});
+  }
   if (runs_as_gemm(p)) {
-    return bf16 ? f(Sm90GemmBiasResidualRelu<Element::kBF16>{}) : f(Sm90GemmBiasResidualRelu<Element::kFP16>{});
+    return bf16 ? f(Sm90GemmBiasResidualRelu<Element::kBF16, kWideTileN>{})
+                : f(Sm90GemmBiasResidualRelu<Element::kFP16, kWideTileN>{});
   }
   if (p.K <= kNarrowTileN) {
     return bf16 ? f(Sm90ConvBiasResidualRelu<Element::kBF16, kNarrowTileN>{})
@@ -198,10 +202,8 @@ bool packs_windows(const ConvShape& s) {
 // conv kernel ran ResNet-50's strided downsampling convs at 0.57-0.83x cuDNN's fused conv, while
 // its stride-1 1x1 layers of the same FLOPs ran 0.92-1.16x as the GEMM
 // (benchmarks/results/2026-11-28_NVIDIA-H200_torch2.11.0-cu130_triton3.6.0-run2-resnet50.txt).
-// Only where the result is the GEMM: more than 64 output channels.
 bool subsamples(const ConvShape& s) {
-  return s.R == 1 && s.S == 1 && s.pad_h == 0 && s.pad_w == 0 && (s.stride_h > 1 || s.stride_w > 1) &&
-         s.K > cutlass_sm90::kNarrowTileN;
+  return s.R == 1 && s.S == 1 && s.pad_h == 0 && s.pad_w == 0 && (s.stride_h > 1 || s.stride_w > 1);
 }
 
 // Every stride-th pixel of the input of a conv that subsamples(): a (N, C, OH, OW) view.

@@ -23,7 +23,7 @@ struct ConvProblem {
   int sm_count = 0;  // for the persistent GEMM's grid; 0: CUTLASS asks the device
 };
 
-// Output-channel tile widths: 64 for convs with at most 64 output channels, else 128.
+// Output-channel tile widths (conv and GEMM): 64 for at most 64 output channels, else 128.
 constexpr int kNarrowTileN = 64, kWideTileN = 128;
 
 // Defined once per element type and tile width in conv_cutlass_sm90_<type>_n<width>.cu.
@@ -37,16 +37,18 @@ struct Sm90ConvBiasResidualRelu {
 };
 
 // A 1x1, stride-1, unpadded conv as a persistent GEMM (same interface; R = S = 1 in the problem).
-// Defined once per element type in conv_cutlass_sm90_<type>_gemm.cu.
-template <Element E>
+// Defined once per element type and tile width in conv_cutlass_sm90_<type>_gemm_n<width>.cu.
+template <Element E, int TileN>
 struct Sm90GemmBiasResidualRelu {
   static bool can_implement(const ConvProblem& p);
   static size_t workspace_size(const ConvProblem& p);
   static const char* run(const ConvProblem& p, void* workspace, cudaStream_t stream);
 };
 
-extern template struct Sm90GemmBiasResidualRelu<Element::kBF16>;
-extern template struct Sm90GemmBiasResidualRelu<Element::kFP16>;
+extern template struct Sm90GemmBiasResidualRelu<Element::kBF16, kWideTileN>;
+extern template struct Sm90GemmBiasResidualRelu<Element::kBF16, kNarrowTileN>;
+extern template struct Sm90GemmBiasResidualRelu<Element::kFP16, kWideTileN>;
+extern template struct Sm90GemmBiasResidualRelu<Element::kFP16, kNarrowTileN>;
 extern template struct Sm90ConvBiasResidualRelu<Element::kBF16, kWideTileN>;
 extern template struct Sm90ConvBiasResidualRelu<Element::kBF16, kNarrowTileN>;
 extern template struct Sm90ConvBiasResidualRelu<Element::kFP16, kWideTileN>;

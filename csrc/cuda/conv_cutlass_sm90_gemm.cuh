@@ -19,12 +19,14 @@ namespace cnnkernels::cutlass_sm90 {
 // M = N*H*W: it runs CUTLASS's persistent ping-pong GEMM, whose two consumer warpgroups overlap
 // one tile's epilogue with the next tile's mainloop. The conv kernel (conv_cutlass_sm90.cuh) is
 // not persistent, and its single consumer warpgroup leaves each SM idle while it stores: on the
-// first H200 run the short-reduction 1x1 layers ran at 0.43-0.53x cuDNN's fused conv.
-template <Element E>
+// first H200 run the short-reduction 1x1 layers ran at 0.43-0.53x cuDNN's fused conv, and as this
+// GEMM 0.80-1.16x on the second. Tiles are 128 x TileN: 64 wide for at most 64 output channels,
+// where a 128-wide one would spend half its MMAs on nothing.
+template <Element E, int TileN>
 struct GemmKernelConfig {
   using T = typename ElementType<E>::type;
   static constexpr int kAlignment = 128 / cutlass::sizeof_bits<T>::value;
-  using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
+  using TileShape = cute::Shape<cute::_128, cute::Int<TileN>, cute::_64>;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   using FusionOp = FusedEpilogue<E>;
   using RowMajor = cutlass::layout::RowMajor;        // activations, residual, output: (M, channels)
@@ -48,9 +50,9 @@ struct GemmKernelConfig {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
-template <Element E>
-static typename GemmKernelConfig<E>::Gemm::Arguments make_gemm_arguments(const ConvProblem& p) {
-  using Config = GemmKernelConfig<E>;
+template <Element E, int TileN>
+static typename GemmKernelConfig<E, TileN>::Gemm::Arguments make_gemm_arguments(const ConvProblem& p) {
+  using Config = GemmKernelConfig<E, TileN>;
   using T = typename Config::T;
   using Kernel = typename Config::Kernel;
   const int M = p.N * p.H * p.W;
@@ -71,24 +73,24 @@ static typename GemmKernelConfig<E>::Gemm::Arguments make_gemm_arguments(const C
   return args;
 }
 
-template <Element E>
-bool Sm90GemmBiasResidualRelu<E>::can_implement(const ConvProblem& p) {
-  constexpr int kAlign = GemmKernelConfig<E>::kAlignment;
+template <Element E, int TileN>
+bool Sm90GemmBiasResidualRelu<E, TileN>::can_implement(const ConvProblem& p) {
+  constexpr int kAlign = GemmKernelConfig<E, TileN>::kAlignment;
   if (p.R != 1 || p.S != 1 || p.stride_h != 1 || p.stride_w != 1 || p.pad_h != 0 || p.pad_w != 0) return false;
   if (p.C % kAlign != 0 || p.K % kAlign != 0) return false;
   if (!operands_aligned(p)) return false;
-  return GemmKernelConfig<E>::Gemm::can_implement(make_gemm_arguments<E>(p)) == cutlass::Status::kSuccess;
+  return GemmKernelConfig<E, TileN>::Gemm::can_implement(make_gemm_arguments<E, TileN>(p)) == cutlass::Status::kSuccess;
 }
 
-template <Element E>
-size_t Sm90GemmBiasResidualRelu<E>::workspace_size(const ConvProblem& p) {
-  return GemmKernelConfig<E>::Gemm::get_workspace_size(make_gemm_arguments<E>(p));
+template <Element E, int TileN>
+size_t Sm90GemmBiasResidualRelu<E, TileN>::workspace_size(const ConvProblem& p) {
+  return GemmKernelConfig<E, TileN>::Gemm::get_workspace_size(make_gemm_arguments<E, TileN>(p));
 }
 
-template <Element E>
-const char* Sm90GemmBiasResidualRelu<E>::run(const ConvProblem& p, void* workspace, cudaStream_t stream) {
-  typename GemmKernelConfig<E>::Gemm gemm;
-  auto args = make_gemm_arguments<E>(p);
+template <Element E, int TileN>
+const char* Sm90GemmBiasResidualRelu<E, TileN>::run(const ConvProblem& p, void* workspace, cudaStream_t stream) {
+  typename GemmKernelConfig<E, TileN>::Gemm gemm;
+  auto args = make_gemm_arguments<E, TileN>(p);
   if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) {
     return "CUTLASS GEMM initialize() failed (TMA descriptor or shared-memory attribute)";
   }
