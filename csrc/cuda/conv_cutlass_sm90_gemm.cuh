@@ -13,6 +13,9 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 #include <cutlass/util/packed_stride.hpp>
 
+#include <cstdint>
+#include <limits>
+
 namespace cnnkernels::cutlass_sm90 {
 
 // A 1x1 stride-1 conv over channels_last tensors is the GEMM D[M, K] = A[M, C] B[C, K] with
@@ -78,6 +81,7 @@ bool Sm90GemmBiasResidualRelu<E, TileN>::can_implement(const ConvProblem& p) {
   constexpr int kAlign = GemmKernelConfig<E, TileN>::kAlignment;
   if (p.R != 1 || p.S != 1 || p.stride_h != 1 || p.stride_w != 1 || p.pad_h != 0 || p.pad_w != 0) return false;
   if (p.C % kAlign != 0 || p.K % kAlign != 0) return false;
+  if (int64_t{p.N} * p.H * p.W > std::numeric_limits<int>::max()) return false;  // M = N*H*W is an int
   if (!operands_aligned(p)) return false;
   return GemmKernelConfig<E, TileN>::Gemm::can_implement(make_gemm_arguments<E, TileN>(p)) == cutlass::Status::kSuccess;
 }
