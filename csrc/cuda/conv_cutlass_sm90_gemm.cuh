@@ -1,7 +1,7 @@
 // The 1x1 path of the "cuda" backend's conv: CUTLASS 3.x's persistent ping-pong GEMM with the
 // same fused epilogue as the conv kernels (conv_cutlass_sm90.cuh).
 //
-// Its own header, included only by conv_cutlass_sm90_<type>_gemm.cu: CUTLASS's GEMM kernel
+// Its own header, included only by conv_cutlass_sm90_<type>_gemm_n<width>.cu: CUTLASS's GEMM kernel
 // specializations and its conv kernel's both match GemmUniversal<...> for the conv's problem
 // shape, so one file cannot hold both.
 #pragma once
