@@ -100,7 +100,8 @@ GENERIC_SHAPES = [(2, 5, 9, 7, 70, 3, 1, 1, 1, 1), (1, 6, 11, 11, 4, 5, 2, 2, 2,
                   (2, 4, 7, 7, 8, 3, 1, 1, 1, 4), (1, 3, 13, 13, 5, 11, 4, 2, 1, 1)]
 # The 3- and 8-channel ones run as 1x1 convs over packed windows; 20 channels are padded to 24;
 # the 1x1 with 96 outputs, the 128-output stem and the stride-2 1x1 with 72 outputs (over its
-# subsampled input) run the persistent GEMM's 128-wide tile, the 1x1 with 40 outputs its 64-wide one.
+# subsampled input) run the persistent GEMM's 128-wide tile, the 64-output stem and the 1x1 with 40
+# outputs its 64-wide one.
 CUTLASS_SHAPES = [(2, 16, 9, 7, 24, 3, 1, 1, 1, 1), (1, 3, 17, 17, 64, 7, 2, 3, 1, 1),
                   (1, 136, 6, 6, 200, 3, 1, 1, 1, 1), (1, 8, 12, 12, 16, 3, 1, 2, 2, 1),
                   (1, 20, 9, 9, 24, 3, 1, 1, 1, 1), (2, 32, 7, 9, 96, 1, 1, 0, 1, 1),
