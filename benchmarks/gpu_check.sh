@@ -3,7 +3,7 @@
 #   builds the extension for Hopper, checks that the C++ ops raise on bad arguments, runs the
 #   tests that use the GPU, the benchmark suite's default GPU subset, its training step (--train),
 #   a profile of that step and the ops' host cost per call, compute-sanitizer over the CUDA
-#   kernels, a tile-size sweep of the fused BN kernels, then the rest of the test suite with the
+#   kernels, the CUDA backend's GEMM routes against its conv kernel, a tile-size sweep of the fused BN kernels, then the rest of the test suite with the
 #   time left, and writes everything under $OUT (default ./gpu-out). The steps end by 585 s, under
 #   one device command's 10 minutes (the first H200 run: 72 s build, 10 min in all).
 # Usage: bash benchmarks/gpu_check.sh [--full]
@@ -109,6 +109,10 @@ step host "$(left 30 35)" env CNNKERNELS_AUTOTUNE=0 python3 benchmarks/host_over
 step memcheck "$(left 25 20)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   compute-sanitizer --tool memcheck --error-exitcode 1 python3 csrc/cuda/memcheck.py
 
+# The CUDA backend's GEMM routes (1x1 convs and stems on CUTLASS's persistent GEMM, untimed so far)
+# against CUTLASS's conv kernel on the same layers, and cuDNN's fused op; it also checks their results.
+step routes "$(left 45 15)" python3 benchmarks/cuda_gemm_routes.py --out "$OUT/cuda_gemm_routes.txt"
+
 # Which tile size the fused BN's per-channel kernels should use (1024 elements now, unmeasured);
 # only with a minute to spare, as the results must still be packed up below.
 if [ $((585 - SECONDS)) -gt 60 ]; then
@@ -121,8 +125,9 @@ step tests_cpu "$(left 200 0)" env OMP_NUM_THREADS=2 CNNKERNELS_AUTOTUNE=0 pytho
   tests/test_backward.py tests -q $XDIST -m "not gpu and not on_device" -p no:cacheprovider \
   --junitxml="$OUT/work/cpu-tests.xml"
 
-# At most 8 files come back from the device machine: the key ones, plus one archive of all. Six
-# land in $OUT: gpu_check.log, gpu-tests.xml, the layer and -train JSON, README-section.md, the archive.
+# At most 8 files come back from the device machine: the key ones, plus one archive of all. Seven
+# land in $OUT: gpu_check.log, gpu-tests.xml, the layer and -train JSON, README-section.md,
+# cuda_gemm_routes.txt, the archive.
 cp "$OUT"/work/bench/*.json "$OUT/" 2> /dev/null
 # The Triton configs the tuner picked per shape (which won: TMA descriptors or pointer loads?), and
 # every candidate's time or failure per tuned shape.

@@ -288,6 +288,21 @@ def test_cutlass_conv(case, dtype, layout, residual, bias):
     check_conv("cutlass", x, weight, b, geometry, res)
 
 
+# The convs that CNNKERNELS_CUDA_CONV=cutlass-conv takes off the persistent GEMM: 1x1 convs and
+# stems (fewer than 16 input channels), which run CUTLASS's conv kernel there instead.
+GEMM_ROUTE_CASES = [name for name, (_, c, _, _, _, kernel, *_) in CUTLASS_CASES.items()
+                    if kernel == (1, 1) or c < 16]
+
+
+@pytest.mark.parametrize("case", GEMM_ROUTE_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cutlass_conv_kernel_without_the_gemm_routes(case, dtype):
+    """What benchmarks/cuda_gemm_routes.py times the GEMM routes against is right too."""
+    cutlass_or_skip()
+    x, weight, b, geometry = make_conv(CUTLASS_CASES[case], dtype, "channels_last")
+    check_conv("cutlass-conv", x, weight, b, geometry, residual_for(x, weight, geometry, "channels_last"))
+
+
 def test_auto_picks_cutlass_for_bf16_and_generic_otherwise():
     cutlass_or_skip()
     x, weight, bias, geometry = make_conv(CUTLASS_CASES["3x3"], torch.bfloat16, "channels_last")

@@ -13,8 +13,10 @@
 // and fp64 included, runs the generic kernels of conv_generic.cuh.
 //
 // CNNKERNELS_CUDA_CONV (read on every call) picks the kernel for tests and benchmarks:
-// "auto" (default), "generic", or "cutlass" (raises NotImplementedError saying why when the
-// CUTLASS kernel cannot take the conv, instead of falling back).
+// "auto" (default), "generic", "cutlass" (raises NotImplementedError saying why when the CUTLASS
+// kernel cannot take the conv, instead of falling back), or "cutlass-conv": as "cutlass", but
+// 1x1 convs run CUTLASS's conv kernel, never the persistent GEMM (strided ones not subsampled),
+// so that benchmarks/cuda_gemm_routes.py can time the GEMM routes against it in one GPU run.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -106,14 +108,15 @@ void launch_conv_generic(const char* op, const ConvShape& s, const at::Tensor& i
   });
 }
 
-enum class ConvKernelChoice { kAuto, kGeneric, kCutlass };
+enum class ConvKernelChoice { kAuto, kGeneric, kCutlass, kCutlassConvKernel };
 
 ConvKernelChoice requested_kernel() {
   const char* v = std::getenv("CNNKERNELS_CUDA_CONV");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return ConvKernelChoice::kAuto;
   if (std::strcmp(v, "generic") == 0) return ConvKernelChoice::kGeneric;
   if (std::strcmp(v, "cutlass") == 0) return ConvKernelChoice::kCutlass;
-  TORCH_CHECK(false, "CNNKERNELS_CUDA_CONV must be 'auto', 'generic' or 'cutlass', but got '", v, "'");
+  if (std::strcmp(v, "cutlass-conv") == 0) return ConvKernelChoice::kCutlassConvKernel;
+  TORCH_CHECK(false, "CNNKERNELS_CUDA_CONV must be 'auto', 'generic', 'cutlass' or 'cutlass-conv', but got '", v, "'");
 }
 
 #ifdef CNNKERNELS_WITH_CUTLASS
@@ -155,35 +158,10 @@ using cutlass_sm90::ConvProblem;
 using cutlass_sm90::Element;
 using cutlass_sm90::Sm90ConvBiasResidualRelu;
 
-// Whether the CUTLASS problem runs as the persistent GEMM (conv_cutlass_sm90_gemm.cuh): 1x1, stride 1,
-// unpadded (packed stems and subsampled strided 1x1 convs included).
+// Whether the CUTLASS problem can run as the persistent GEMM (conv_cutlass_sm90_gemm.cuh): 1x1,
+// stride 1, unpadded (packed stems and subsampled strided 1x1 convs included).
 bool runs_as_gemm(const ConvProblem& p) {
   return p.R == 1 && p.S == 1 && p.stride_h == 1 && p.stride_w == 1 && p.pad_h == 0 && p.pad_w == 0;
-}
-
-// Calls f with the CUTLASS kernel for this dtype and problem (as a value of its type): the
-// persistent GEMM for 1x1 convs, else the conv kernel; each with a 64-wide tile for at most 64
-// output channels, else a 128-wide one.
-template <typename F>
-auto with_cutlass_kernel(at::ScalarType dtype, const ConvProblem& p, F&& f) {
-  using cutlass_sm90::kNarrowTileN;
-  using cutlass_sm90::kWideTileN;
-  using cutlass_sm90::Sm90GemmBiasResidualRelu;
-  const bool bf16 = dtype == at::kBFloat16;
-  if (runs_as_gemm(p) && p.K <= kNarrowTileN) {
-    return bf16 ? f(Sm90GemmBiasResidualRelu<Element::kBF16, kNarrowTileN>{})
-                : f(Sm90GemmBiasResidualRelu<Element::kFP16, kNarrowTileN>{});
-  }
-  if (runs_as_gemm(p)) {
-    return bf16 ? f(Sm90GemmBiasResidualRelu<Element::kBF16, kWideTileN>{})
-                : f(Sm90GemmBiasResidualRelu<Element::kFP16, kWideTileN>{});
-  }
-  if (p.K <= kNarrowTileN) {
-    return bf16 ? f(Sm90ConvBiasResidualRelu<Element::kBF16, kNarrowTileN>{})
-                : f(Sm90ConvBiasResidualRelu<Element::kFP16, kNarrowTileN>{});
-  }
-  return bf16 ? f(Sm90ConvBiasResidualRelu<Element::kBF16, kWideTileN>{})
-              : f(Sm90ConvBiasResidualRelu<Element::kFP16, kWideTileN>{});
 }
 
 constexpr int64_t kChannelAlign = 8;  // 16 bytes of bf16/fp16: TMA's row alignment
@@ -211,34 +189,67 @@ at::Tensor subsampled(const ConvShape& s, const at::Tensor& input) {
   return input.slice(2, 0, (s.OH - 1) * s.stride_h + 1, s.stride_h).slice(3, 0, (s.OW - 1) * s.stride_w + 1, s.stride_w);
 }
 
-// The conv as the CUTLASS kernel runs it: input channels padded with zeros to a multiple of 8;
-// for a stem, the 1x1 conv over its packed windows; for a strided 1x1 conv that subsamples(), the
-// stride-1 one over its subsampled input.
-ConvProblem geometry_of(const ConvShape& s) {
-  ConvProblem p;
+// How the CUTLASS kernels run a conv (plan_cutlass).
+struct CutlassPlan {
+  // Input channels padded with zeros to a multiple of 8; a stem or a subsampled conv as the
+  // 1x1, stride-1 conv that runs.
+  ConvProblem problem;
+  bool packs_windows = false;  // a stem: the 1x1 conv over its packed windows
+  bool subsamples = false;     // a strided 1x1 conv: the stride-1 one over every stride-th pixel
+  bool as_gemm = false;        // the persistent GEMM, else the conv kernel
+};
+
+// `gemm_routes` false (CNNKERNELS_CUDA_CONV=cutlass-conv) keeps every conv on the conv kernel.
+CutlassPlan plan_cutlass(const ConvShape& s, bool gemm_routes) {
+  CutlassPlan plan;
+  plan.packs_windows = packs_windows(s);
+  plan.subsamples = gemm_routes && subsamples(s);
+  ConvProblem& p = plan.problem;
   p.N = static_cast<int>(s.N); p.K = static_cast<int>(s.K);
-  if (packs_windows(s) || subsamples(s)) {  // R = S = 1, no padding, stride and dilation 1: the struct's defaults
+  if (plan.packs_windows || plan.subsamples) {  // R = S = 1, no padding, stride and dilation 1: the struct's defaults
     p.H = p.P = static_cast<int>(s.OH); p.W = p.Q = static_cast<int>(s.OW);
-    p.C = static_cast<int>(padded_channels(packs_windows(s) ? s.C * s.R * s.S : s.C));
+    p.C = static_cast<int>(padded_channels(plan.packs_windows ? s.C * s.R * s.S : s.C));
     p.R = p.S = 1;
-    return p;
+  } else {
+    p.H = static_cast<int>(s.H); p.W = static_cast<int>(s.W);
+    p.C = static_cast<int>(padded_channels(s.C));
+    p.R = static_cast<int>(s.R); p.S = static_cast<int>(s.S);
+    p.P = static_cast<int>(s.OH); p.Q = static_cast<int>(s.OW);
+    p.pad_h = static_cast<int>(s.pad_h); p.pad_w = static_cast<int>(s.pad_w);
+    p.stride_h = static_cast<int>(s.stride_h); p.stride_w = static_cast<int>(s.stride_w);
+    p.dil_h = static_cast<int>(s.dil_h); p.dil_w = static_cast<int>(s.dil_w);
   }
-  p.H = static_cast<int>(s.H); p.W = static_cast<int>(s.W);
-  p.C = static_cast<int>(padded_channels(s.C));
-  p.R = static_cast<int>(s.R); p.S = static_cast<int>(s.S);
-  p.P = static_cast<int>(s.OH); p.Q = static_cast<int>(s.OW);
-  p.pad_h = static_cast<int>(s.pad_h); p.pad_w = static_cast<int>(s.pad_w);
-  p.stride_h = static_cast<int>(s.stride_h); p.stride_w = static_cast<int>(s.stride_w);
-  p.dil_h = static_cast<int>(s.dil_h); p.dil_w = static_cast<int>(s.dil_w);
-  return p;
+  plan.as_gemm = gemm_routes && runs_as_gemm(p);
+  return plan;
 }
 
-bool cutlass_can_implement(at::ScalarType dtype, const ConvProblem& p) {
-  return with_cutlass_kernel(dtype, p, [&](auto kernel) { return decltype(kernel)::can_implement(p); });
+// Calls f with the plan's CUTLASS kernel for this dtype (as a value of its type): the persistent
+// GEMM or the conv kernel, each with a 64-wide tile for at most 64 output channels, else a
+// 128-wide one.
+template <typename F>
+auto with_cutlass_kernel(at::ScalarType dtype, const CutlassPlan& plan, F&& f) {
+  using cutlass_sm90::kNarrowTileN;
+  using cutlass_sm90::kWideTileN;
+  using cutlass_sm90::Sm90GemmBiasResidualRelu;
+  const bool bf16 = dtype == at::kBFloat16, narrow = plan.problem.K <= kNarrowTileN;
+  if (plan.as_gemm && narrow) {
+    return bf16 ? f(Sm90GemmBiasResidualRelu<Element::kBF16, kNarrowTileN>{})
+                : f(Sm90GemmBiasResidualRelu<Element::kFP16, kNarrowTileN>{});
+  }
+  if (plan.as_gemm) {
+    return bf16 ? f(Sm90GemmBiasResidualRelu<Element::kBF16, kWideTileN>{})
+                : f(Sm90GemmBiasResidualRelu<Element::kFP16, kWideTileN>{});
+  }
+  if (narrow) {
+    return bf16 ? f(Sm90ConvBiasResidualRelu<Element::kBF16, kNarrowTileN>{})
+                : f(Sm90ConvBiasResidualRelu<Element::kFP16, kNarrowTileN>{});
+  }
+  return bf16 ? f(Sm90ConvBiasResidualRelu<Element::kBF16, kWideTileN>{})
+              : f(Sm90ConvBiasResidualRelu<Element::kFP16, kWideTileN>{});
 }
 
 // Why the CUTLASS kernel cannot take this conv; empty when it can.
-std::string cutlass_unsupported(const ConvShape& s, const at::Tensor& input) {
+std::string cutlass_unsupported(const ConvShape& s, const CutlassPlan& plan, const at::Tensor& input) {
   std::vector<std::string> why;
   if (!sm90a_code_runs_on(input.get_device())) {
     why.push_back("a compute capability 9.0 GPU and a build with sm_90a code (TORCH_CUDA_ARCH_LIST=9.0a)");
@@ -251,7 +262,9 @@ std::string cutlass_unsupported(const ConvShape& s, const at::Tensor& input) {
   if (s.K % kChannelAlign != 0) {
     why.push_back("out channels that are a multiple of 8 (got " + std::to_string(s.K) + ")");
   }
-  if (why.empty() && !cutlass_can_implement(dtype, geometry_of(s))) {
+  if (why.empty() && !with_cutlass_kernel(dtype, plan, [&](auto kernel) {
+        return decltype(kernel)::can_implement(plan.problem);
+      })) {
     why.push_back("a geometry within its TMA im2col limits (stride <= 8, padding <= 256, "
                   "(kernel - 1) * dilation < 255, N*OH*OW < 2^31)");
   }
@@ -310,14 +323,14 @@ at::Tensor packed_weight(const at::Tensor& weight, int64_t kpad) {
   return rows;
 }
 
-void run_cutlass(const char* op, const ConvShape& s, const at::Tensor& input, const at::Tensor& weight,
-                 const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& out,
-                 cudaStream_t stream) {
+void run_cutlass(const char* op, const ConvShape& s, const CutlassPlan& plan, const at::Tensor& input,
+                 const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& residual,
+                 const at::Tensor& out, cudaStream_t stream) {
   const auto CL = at::MemoryFormat::ChannelsLast;
-  ConvProblem p = geometry_of(s);
-  const bool packed = packs_windows(s);
+  ConvProblem p = plan.problem;
+  const bool packed = plan.packs_windows;
   const at::Tensor x = packed ? packed_windows(s, input, p.C, stream)
-                               : as_tma_operand(subsamples(s) ? subsampled(s, input) : input, p.C);
+                               : as_tma_operand(plan.subsamples ? subsampled(s, input) : input, p.C);
   const at::Tensor w = packed ? packed_weight(weight, p.C) : as_tma_operand(weight, p.C);
   const at::Tensor res = residual.defined() ? as_tma_operand(residual, s.K) : at::Tensor();
   at::Tensor b = bias;
@@ -332,7 +345,7 @@ void run_cutlass(const char* op, const ConvShape& s, const at::Tensor& input, co
   p.output = y.mutable_data_ptr();
 
   p.sm_count = multiprocessor_count();
-  const char* error = with_cutlass_kernel(input.scalar_type(), p, [&](auto kernel) {
+  const char* error = with_cutlass_kernel(input.scalar_type(), plan, [&](auto kernel) {
     using Kernel = decltype(kernel);
     const size_t ws_bytes = Kernel::workspace_size(p);
     at::Tensor workspace;
@@ -364,16 +377,18 @@ at::Tensor conv_bias_relu(const char* op, const at::Tensor& input, const at::Ten
   const ConvKernelChoice choice = requested_kernel();
   if (choice != ConvKernelChoice::kGeneric) {
 #ifdef CNNKERNELS_WITH_CUTLASS
-    const std::string why = cutlass_unsupported(s, input);
+    const CutlassPlan plan = plan_cutlass(s, /*gemm_routes=*/choice != ConvKernelChoice::kCutlassConvKernel);
+    const std::string why = cutlass_unsupported(s, plan, input);
     if (why.empty()) {
-      run_cutlass(op, s, input, weight, b, residual, out, stream);
+      run_cutlass(op, s, plan, input, weight, b, residual, out, stream);
       return out;
     }
 #else
     const std::string why = "needs a build with CUTLASS (the nvidia-cutlass package's headers)";
 #endif
-    TORCH_CHECK_NOT_IMPLEMENTED(choice != ConvKernelChoice::kCutlass, op,
-                                ": CNNKERNELS_CUDA_CONV=cutlass, but the CUTLASS sm90 kernel ", why);
+    TORCH_CHECK_NOT_IMPLEMENTED(choice == ConvKernelChoice::kAuto, op, ": CNNKERNELS_CUDA_CONV=",
+                                choice == ConvKernelChoice::kCutlass ? "cutlass" : "cutlass-conv",
+                                ", but the CUTLASS sm90 kernel ", why);
   }
   launch_conv_generic(op, s, input, weight, b, residual, out, stream);
   return out;

@@ -116,13 +116,9 @@ size_t Sm90ConvBiasResidualRelu<E, TileN>::workspace_size(const ConvProblem& p) 
 
 template <Element E, int TileN>
 const char* Sm90ConvBiasResidualRelu<E, TileN>::run(const ConvProblem& p, void* workspace, cudaStream_t stream) {
-  typename ConvKernelConfig<E, TileN>::Conv conv;
-  auto args = make_arguments<E, TileN>(p);
-  if (conv.initialize(args, workspace, stream) != cutlass::Status::kSuccess) {
-    return "CUTLASS conv initialize() failed (TMA descriptor or shared-memory attribute)";
-  }
-  if (conv.run(stream) != cutlass::Status::kSuccess) return "CUTLASS conv launch failed";
-  return nullptr;
+  return initialize_and_run<typename ConvKernelConfig<E, TileN>::Conv>(
+      make_arguments<E, TileN>(p), workspace, stream,
+      "CUTLASS conv initialize() failed (TMA descriptor or shared-memory attribute)", "CUTLASS conv launch failed");
 }
 
 }  // namespace cnnkernels::cutlass_sm90

@@ -1,5 +1,5 @@
 // What the CUTLASS kernels of this folder share (conv_cutlass_sm90.cuh, conv_cutlass_sm90_gemm.cuh):
-// NDEBUG before CUTLASS's headers, the element types, and the fused epilogue.
+// NDEBUG before CUTLASS's headers, the element types, the fused epilogue, and the launch.
 #pragma once
 
 // Before any include (so every CUTLASS header this extension compiles comes after it): CUTLASS's
@@ -62,6 +62,17 @@ void set_fused_epilogue(FusionArguments& fusion, const ConvProblem& p) {
   fusion.alpha = 1.0f;
   fusion.beta = p.residual != nullptr ? 1.0f : 0.0f;
   fusion.bias_ptr = static_cast<const typename ElementType<E>::type*>(p.bias);
+}
+
+// Initializes a CUTLASS device-level operator (its GEMM or conv adapter) with `args` and launches it
+// on `stream`: nullptr on success, else the message for the step that failed.
+template <typename Operator>
+const char* initialize_and_run(const typename Operator::Arguments& args, void* workspace, cudaStream_t stream,
+                               const char* initialize_failed, const char* launch_failed) {
+  Operator op;
+  if (op.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return initialize_failed;
+  if (op.run(stream) != cutlass::Status::kSuccess) return launch_failed;
+  return nullptr;
 }
 
 }  // namespace cnnkernels::cutlass_sm90

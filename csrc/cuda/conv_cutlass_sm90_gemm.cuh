@@ -93,13 +93,9 @@ size_t Sm90GemmBiasResidualRelu<E, TileN>::workspace_size(const ConvProblem& p) 
 
 template <Element E, int TileN>
 const char* Sm90GemmBiasResidualRelu<E, TileN>::run(const ConvProblem& p, void* workspace, cudaStream_t stream) {
-  typename GemmKernelConfig<E, TileN>::Gemm gemm;
-  auto args = make_gemm_arguments<E, TileN>(p);
-  if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) {
-    return "CUTLASS GEMM initialize() failed (TMA descriptor or shared-memory attribute)";
-  }
-  if (gemm.run(stream) != cutlass::Status::kSuccess) return "CUTLASS GEMM launch failed";
-  return nullptr;
+  return initialize_and_run<typename GemmKernelConfig<E, TileN>::Gemm>(
+      make_gemm_arguments<E, TileN>(p), workspace, stream,
+      "CUTLASS GEMM initialize() failed (TMA descriptor or shared-memory attribute)", "CUTLASS GEMM launch failed");
 }
 
 }  // namespace cnnkernels::cutlass_sm90
