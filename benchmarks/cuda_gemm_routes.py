@@ -83,7 +83,8 @@ def main():
             except (RuntimeError, NotImplementedError) as error:  # e.g. no sm_90a build: say so, go on
                 times[route], errors[route] = math.nan, math.nan
                 print(f"  {route} on {layer.label}: {str(error).splitlines()[0][:160]}", flush=True)
-        faster = min(times, key=lambda r: times[r] if not math.isnan(times[r]) else math.inf)
+        timed_routes = [r for r in times if not math.isnan(times[r])]
+        faster = min(timed_routes, key=times.get) if timed_routes else "n/a"
         line = (f"{layer.label:38s} {ref_us:11.1f} {times['gemm']:8.1f} {times['conv_kernel']:9.1f} "
                 f"{ref_us / times['gemm']:7.2f} {ref_us / times['conv_kernel']:7.2f}  {faster:11s} "
                 f"{errors['gemm']:11.1e} {errors['conv_kernel']:11.1e}")
