@@ -157,15 +157,15 @@ def test_op_rejects_bad_arguments():
     from cnnkernels.triton_ops.batch_norm import batch_norm_relu_train_triton as op
     x, c = torch.randn(2, 3, 4, 4), torch.ones(3)
     with pytest.raises(RuntimeError, match="expected weight of size"):
-        op(x, torch.ones(4), c, None, 1e-5)
+        op(x, torch.ones(4), c, None, 1e-5, None, None, 0.0)
     with pytest.raises(RuntimeError, match="expected residual of size"):
-        op(x, c, c, x[:1], 1e-5)
+        op(x, c, c, x[:1], 1e-5, None, None, 0.0)
     with pytest.raises(RuntimeError, match="running_mean and running_var must be given together"):
-        op(x, c, c, None, 1e-5, torch.zeros(3))
+        op(x, c, c, None, 1e-5, torch.zeros(3), None, 0.1)
     with pytest.raises(RuntimeError, match="but running_var is on meta"):
         op(x, c, c, None, 1e-5, torch.zeros(3), torch.ones(3, device="meta"), 0.1)
     with pytest.raises(RuntimeError, match="non-empty"):
-        op(torch.randn(2, 0, 4, 4), torch.ones(0), torch.ones(0), None, 1e-5)
+        op(torch.randn(2, 0, 4, 4), torch.ones(0), torch.ones(0), None, 1e-5, None, None, 0.0)
 
 
 def test_zoo_basic_block_trains_alike_on_triton_and_torch():
@@ -203,8 +203,8 @@ def test_opcheck_batch_norm_ops(device):
     checks = {} if device == "cuda" else {"test_utils": ("test_schema", "test_autograd_registration", "test_faketensor")}
     forward, backward = torch.ops.cnnkernels.batch_norm_relu_train_triton, torch.ops.cnnkernels.batch_norm_relu_backward_triton
     torch.library.opcheck(forward.default, (x, w, b, res, 1e-5, running_mean, running_var, 0.1), **checks)
-    torch.library.opcheck(forward.default, (x, w, b, None, 1e-5), **checks)
-    out, mean, var = forward(x, w, b, res, 1e-5)
+    torch.library.opcheck(forward.default, (x, w, b, None, 1e-5, None, None, 0.0), **checks)
+    out, mean, var = forward(x, w, b, res, 1e-5, None, None, 0.0)
     torch.library.opcheck(backward.default, (t(4, 8, 5, 5), x, out, mean, var, w, 1e-5, True), **checks)
 
 

@@ -145,7 +145,7 @@ def main(quick):
         w, stats = torch.ones(64, dtype=dtype), torch.ones(64, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         running = torch.ones(64, dtype=dtype)
         for residual in (None, a):
-            batch_norm.batch_norm_relu_train_triton(a, w, w, residual, 1e-5)
+            batch_norm.batch_norm_relu_train_triton(a, w, w, residual, 1e-5, None, None, 0.0)
             batch_norm.batch_norm_relu_train_triton(a, w, w, residual, 1e-5, running, running.clone(), 0.1)
             batch_norm.batch_norm_relu_backward_triton(a, a, a, stats, stats, w, 1e-5, residual is not None)
     print(f"{len(compiled)} kernel variants compiled for sm_90, {len(failures)} failed, {len(spilling)} spill")

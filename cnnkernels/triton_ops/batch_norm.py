@@ -227,12 +227,12 @@ def _check(op, x, weight, bias, residual, running_mean, running_var):
 @torch.library.triton_op("cnnkernels::batch_norm_relu_train_triton", mutates_args=("running_mean", "running_var"))
 def batch_norm_relu_train_triton(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                  residual: Optional[torch.Tensor], eps: float,
-                                 running_mean: Optional[torch.Tensor] = None,
-                                 running_var: Optional[torch.Tensor] = None,
-                                 momentum: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                 running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                                 momentum: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(relu(batch_norm(input) * weight + bias (+ residual)), batch mean, biased batch variance).
     Given running_mean and running_var, moves them `momentum` of the way to the batch's mean and
-    unbiased variance, in place."""
+    unbiased variance, in place. No defaults: torch 2.11's in-place bookkeeping for custom ops
+    indexes every mutated argument among the positional ones given (IndexError when omitted)."""
     _check("batch_norm_relu_train", input, weight, bias, residual, running_mean, running_var)
     walk = channel_walk(input)
     C, acc_dtype = walk.C, _acc_dtype(input)
