@@ -34,6 +34,6 @@ cd "$SRC"
 PATH="$VENV/bin:$PATH" TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
   "$VENV/bin/python" setup.py -q build_ext --inplace > "$WORK/build.log" 2>&1 \
   || { tail -n 40 "$WORK/build.log"; exit 1; }
-"$VENV/bin/python" -m cnnkernels.info | head -n 4
+"$VENV/bin/python" -m cnnkernels.info | sed -n 1,4p  # sed reads it all: no SIGPIPE under pipefail
 # PYTHONPATH: the tests' subprocesses (DDP workers, torchrun) import cnnkernels from here too.
 PYTHONPATH="$SRC" exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
