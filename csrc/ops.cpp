@@ -98,4 +98,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv2d_relu", &conv2d_relu, "torch.ops.cnnkernels.conv2d_relu, for plain eager calls");
   m.def("conv2d_add_relu", &conv2d_add_relu, "torch.ops.cnnkernels.conv2d_add_relu, for plain eager calls");
   m.def("add_relu", &add_relu, "torch.ops.cnnkernels.add_relu, for plain eager calls");
+#ifdef CNNKERNELS_WITH_CUDA
+  m.def(
+      "cutlass_plan",
+      [](const at::Tensor& input, const at::Tensor& weight, const IntList& stride, const IntList& padding,
+         const IntList& dilation, int64_t groups, bool gemm_routes) {
+        const auto plan =
+            cnnkernels::cuda::describe_cutlass_plan(input, weight, stride, padding, dilation, groups, gemm_routes);
+        pybind11::dict summary;
+        summary["kernel"] = plan.kernel;
+        summary["tile_n"] = plan.tile_n;
+        summary["packs_windows"] = plan.packs_windows;
+        summary["subsamples"] = plan.subsamples;
+        summary["problem"] = plan.problem;
+        summary["unsupported"] = plan.unsupported;
+        return summary;
+      },
+      "How the CUDA backend would run a bf16/fp16 conv on an sm_90 GPU, from the host-side planning and "
+      "CUTLASS's can_implement only (no device is touched; meta tensors will do)",
+      pybind11::arg("input"), pybind11::arg("weight"), pybind11::arg("stride"), pybind11::arg("padding"),
+      pybind11::arg("dilation"), pybind11::arg("groups"), pybind11::arg("gemm_routes") = true);
+#endif
 }

@@ -8,8 +8,10 @@ grid over the triton backend; this file covers what is specific to the kernels.
 
 import json
 import os
+import re
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -895,3 +897,35 @@ def test_every_kernel_compiles_for_hopper():
     assert "0 failed, 0 spill" in done.stdout
     assert "wgmma" in done.stdout  # 16-bit tiles reach Hopper's wgmma
     assert "W_DESC=True X_DESC=True" in done.stdout and "TMA loads" in done.stdout  # the TMA candidates
+    checked = re.search(r"(\d+) TMA descriptors checked", done.stdout)
+    assert checked and int(checked.group(1)) > 0, done.stdout[-2000:]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="runs with test_every_kernel_compiles_for_hopper")
+def test_the_tma_descriptor_check_names_what_the_driver_refuses():
+    """The compile script's check of each launch's descriptors can fail: every limit is flagged.
+    In a subprocess, since importing the script replaces the Triton ops' launcher."""
+    code = textwrap.dedent("""
+        from types import SimpleNamespace as NS
+        import triton_hopper_compile as t
+        base = NS(data_ptr=lambda: 4096)
+        meta = dict(elem_size=2, block_size=[128, 64], swizzle=3)
+        assert t.tma_descriptor_problems(NS(base=base, shape=[256, 64], strides=[64, 1]), meta) == []
+        cases = {
+            "not a multiple of 16": NS(base=base, shape=[256, 60], strides=[60, 1]),
+            "not 16-byte aligned": NS(base=NS(data_ptr=lambda: 4104), shape=[256, 64], strides=[64, 1]),
+            "outside 1..2^32": NS(base=base, shape=[2**33, 64], strides=[64, 1]),
+            "innermost stride": NS(base=base, shape=[256, 64], strides=[64, 2]),
+        }
+        for words, desc in cases.items():
+            assert any(words in p for p in t.tma_descriptor_problems(desc, meta)), words
+        assert any("outside 1..256" in p for p in t.tma_descriptor_problems(
+            NS(base=base, shape=[1024, 64], strides=[64, 1]), dict(meta, block_size=[512, 64])))
+        assert any("swizzle" in p for p in t.tma_descriptor_problems(
+            NS(base=base, shape=[256, 128], strides=[128, 1]), dict(meta, block_size=[64, 128])))
+        print("checked")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert done.returncode == 0 and "checked" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]

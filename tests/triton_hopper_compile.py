@@ -1,13 +1,19 @@
 """Compiles every Triton kernel, in every config its launch code would try, for Hopper (sm_90)
 without a GPU: Triton's compiler and ptxas run on the CPU. Catches what the interpreter cannot
 (tl.dot shape and dtype rules, layouts, register limits, compiler crashes) before a GPU run.
+Each host tensor descriptor a launch passes is also checked, with the box and swizzle the compiled
+kernel asks for, against what the driver's cuTensorMapEncodeTiled accepts (its documented limits):
+an invalid one fails only when a GPU encodes it.
 
-    python tests/triton_hopper_compile.py [--quick]      (TRITON_INTERPRET must be unset)
+    python tests/triton_hopper_compile.py [--quick | --box-layers | --bench-layers]
+    (TRITON_INTERPRET must be unset)
 
 --quick (what CI runs, about a minute): bf16 and fp32 only, every layer kind once, with a
 residual. The full run (about 5 minutes on 2 cores) adds fp16, fp64 and both residual choices.
 --box-layers: the output-box configs only, at stride-1 layers of the benchmark (batch 64, bf16,
 with a residual), to show the boxes they pick and their registers (1x1 layers: persistent only).
+--bench-layers: every config the tuner would try at every conv layer the benchmark times (bf16,
+batch 1 and 64, its epilogue), so that the descriptors are checked at real sizes (about 2 minutes).
 
 The ops run on CPU tensors with their launches replaced by compilation, so the same code that
 picks configs and arguments on a GPU picks them here. Prints one line per compiled kernel variant
@@ -30,12 +36,13 @@ import triton  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import native_specialize_impl  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from cnnkernels.triton_ops import _autotune, _runtime, add_relu, batch_norm, conv, relu_backward  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-compiled, failures, spilling = set(), [], []
+compiled, failures, spilling, descriptors_checked = {}, [], [], []
 
 
 def registers_and_local_bytes(cubin):
@@ -48,10 +55,36 @@ def registers_and_local_bytes(cubin):
     return (int(reg.group(1)) if reg else None), (int(local.group(1)) if local else None)
 
 
+def tma_descriptor_problems(desc, meta):
+    """What cuTensorMapEncodeTiled would refuse in the descriptor Triton's launcher encodes from
+    `desc` (shape and strides in elements, innermost last) and the compiled kernel's `meta` (the
+    box it loads, its swizzle, the element size), as the CUDA driver API documents its limits."""
+    elem, box, swizzle = meta["elem_size"], list(meta["block_size"]), meta["swizzle"]
+    shape, strides = list(desc.shape), list(desc.strides)
+    problems = []
+    if not 1 <= len(shape) <= 5 or len(box) != len(shape):
+        problems.append(f"rank {len(shape)} with a box of rank {len(box)}")
+    if desc.base.data_ptr() % 16:
+        problems.append("a base address that is not 16-byte aligned")
+    if strides[-1] != 1:
+        problems.append("an innermost stride other than 1")
+    problems += [f"dimension {d} outside 1..2^32" for d in shape if not 1 <= d <= 2**32]
+    problems += [f"stride {s * elem} B, not a multiple of 16 below 2^40" for s in strides[:-1]
+                 if (s * elem) % 16 or not 0 < s * elem < 2**40]
+    problems += [f"box dimension {b} outside 1..256" for b in box if not 1 <= b <= 256]
+    inner = box[-1] * elem
+    if inner % 16:
+        problems.append(f"an inner box of {inner} B, not a multiple of 16")
+    span = {1: 32, 2: 64, 3: 128}.get(swizzle)  # CU_TENSOR_MAP_SWIZZLE_32B/64B/128B
+    if span is not None and inner > span:
+        problems.append(f"an inner box of {inner} B, wider than its {span} B swizzle")
+    return problems
+
+
 def specialization(kernel, args, kwargs):
-    """(signature, constexprs, attrs) as a launch builds them: Triton's own specializer makes ints
-    equal to 1 constants and marks 16-divisible ints and 16-byte-aligned pointers, which decides
-    vectorized loads and software pipelining."""
+    """(signature, constexprs, attrs, bound arguments) as a launch builds them: Triton's own
+    specializer makes ints equal to 1 constants and marks 16-divisible ints and 16-byte-aligned
+    pointers, which decides vectorized loads and software pipelining."""
     bound = inspect.signature(kernel.fn).bind(*args, **kwargs)
     bound.apply_defaults()
     bound = bound.arguments
@@ -67,19 +100,31 @@ def specialization(kernel, args, kwargs):
             constexprs[p.name] = spec
         elif isinstance(spec, str) and spec:
             attrs[(index,)] = BaseBackend.parse_attr(spec)
-    return sig, constexprs, attrs
+    return sig, constexprs, attrs, bound
 
 
 def compile_for_hopper(kernel, args, kwargs):
     kwargs = dict(kwargs)
     options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3)}
-    sig, constexprs, attrs = specialization(kernel, args, kwargs)
+    sig, constexprs, attrs, bound = specialization(kernel, args, kwargs)
     key = (kernel.__name__, tuple(sorted(sig.items())), tuple(sorted(constexprs.items())), tuple(sorted(attrs)),
            tuple(options.items()))
-    if key in compiled:
-        return
-    compiled.add(key)
     label = f"{kernel.__name__} {options} " + " ".join(f"{k}={v}" for k, v in constexprs.items())
+    if key not in compiled:
+        compiled[key] = compile_variant(kernel, sig, constexprs, attrs, options, label)
+    # Every call's descriptors, as a launch encodes them (the key does not hold their shapes).
+    descriptors = [v for v in bound.values() if isinstance(v, TensorDescriptor)]
+    for desc, meta in zip(descriptors, compiled[key] or []):
+        problems = tma_descriptor_problems(desc, meta)
+        descriptors_checked.append(label)
+        if problems:
+            failures.append(label)
+            print(f"FAIL {label}: TMA descriptor of shape {list(desc.shape)}, strides {list(desc.strides)}, "
+                  f"box {meta['block_size']}: " + "; ".join(problems), flush=True)
+
+
+def compile_variant(kernel, sig, constexprs, attrs, options, label):
+    """Compiles one variant and prints its resources; returns its descriptors' metadata (None if it failed)."""
     try:
         binary = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=HOPPER, options=options)
         ptx = binary.asm["ptx"]
@@ -93,9 +138,17 @@ def compile_for_hopper(kernel, args, kwargs):
             spilling.append(label)
         print(f"ok   {label}: {regs} registers, {local} B local (spills), {binary.metadata.shared} B shared, {mma}",
               flush=True)
+        return getattr(binary.metadata, "tensordesc_meta", None) or []
     except Exception:  # noqa: BLE001 - report every failing variant, not only the first
         failures.append(label)
         print(f"FAIL {label}\n{traceback.format_exc(limit=3)}", flush=True)
+        return None
+
+
+def summary():
+    print(f"{len(compiled)} kernel variants compiled for sm_90, {len(failures)} failed, {len(spilling)} spill; "
+          f"{len(descriptors_checked)} TMA descriptors checked")
+    return 1 if failures else 0
 
 
 class CompilingLauncher:
@@ -148,8 +201,7 @@ def main(quick):
             batch_norm.batch_norm_relu_train_triton(a, w, w, residual, 1e-5, None, None, 0.0)
             batch_norm.batch_norm_relu_train_triton(a, w, w, residual, 1e-5, running, running.clone(), 0.1)
             batch_norm.batch_norm_relu_backward_triton(a, a, a, stats, stats, w, 1e-5, residual is not None)
-    print(f"{len(compiled)} kernel variants compiled for sm_90, {len(failures)} failed, {len(spilling)} spill")
-    return 1 if failures else 0
+    return summary()
 
 
 def box_layers():
@@ -162,9 +214,25 @@ def box_layers():
         res = torch.empty(64, k, hw, hw, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
         pad = (ks // 2, ks // 2)
         conv._conv2d_fused(x, w, res, torch.empty(k, dtype=torch.bfloat16), (1, 1), pad, (1, 1), 1)
-    print(f"{len(compiled)} kernel variants compiled for sm_90, {len(failures)} failed, {len(spilling)} spill")
-    return 1 if failures else 0
+    return summary()
+
+
+def bench_layers():
+    from cnnkernels.bench import shapes
+
+    def empty(shape):
+        return torch.empty(shape, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+    for model in shapes.MODEL_INPUTS:
+        for layer, batch in itertools.product(shapes.model_conv_layers(model), (1, 64)):
+            res = empty(layer.output_shape(batch)) if layer.residual else None
+            conv._conv2d_fused(empty(layer.input_shape(batch)), empty(layer.weight_shape()), res,
+                               torch.empty(layer.out_channels, dtype=torch.bfloat16), (layer.stride,) * 2,
+                               (layer.padding,) * 2, (layer.dilation,) * 2, layer.groups)
+    return summary()
 
 
 if __name__ == "__main__":
-    sys.exit(box_layers() if "--box-layers" in sys.argv[1:] else main(quick="--quick" in sys.argv[1:]))
+    modes = {"--box-layers": box_layers, "--bench-layers": bench_layers}
+    chosen = [modes[a] for a in sys.argv[1:] if a in modes]
+    sys.exit(chosen[0]() if chosen else main(quick="--quick" in sys.argv[1:]))

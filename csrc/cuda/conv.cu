@@ -248,13 +248,13 @@ auto with_cutlass_kernel(at::ScalarType dtype, const CutlassPlan& plan, F&& f) {
               : f(Sm90ConvBiasResidualRelu<Element::kFP16, kWideTileN>{});
 }
 
-// Why the CUTLASS kernel cannot take this conv; empty when it can.
-std::string cutlass_unsupported(const ConvShape& s, const CutlassPlan& plan, const at::Tensor& input) {
+// Why the CUTLASS kernel cannot take this conv; empty when it can. `sm90a_device`: whether the
+// tensors' device runs this build's sm_90a code (sm90a_code_runs_on).
+std::string cutlass_unsupported(const ConvShape& s, const CutlassPlan& plan, at::ScalarType dtype, bool sm90a_device) {
   std::vector<std::string> why;
-  if (!sm90a_code_runs_on(input.get_device())) {
+  if (!sm90a_device) {
     why.push_back("a compute capability 9.0 GPU and a build with sm_90a code (TORCH_CUDA_ARCH_LIST=9.0a)");
   }
-  const auto dtype = input.scalar_type();
   if (dtype != at::kBFloat16 && dtype != at::kHalf) {
     why.push_back("dtype bfloat16 or float16 (got " + std::string(c10::toString(dtype)) + ")");
   }
@@ -378,7 +378,7 @@ at::Tensor conv_bias_relu(const char* op, const at::Tensor& input, const at::Ten
   if (choice != ConvKernelChoice::kGeneric) {
 #ifdef CNNKERNELS_WITH_CUTLASS
     const CutlassPlan plan = plan_cutlass(s, /*gemm_routes=*/choice != ConvKernelChoice::kCutlassConvKernel);
-    const std::string why = cutlass_unsupported(s, plan, input);
+    const std::string why = cutlass_unsupported(s, plan, input.scalar_type(), sm90a_code_runs_on(input.get_device()));
     if (why.empty()) {
       run_cutlass(op, s, plan, input, weight, b, residual, out, stream);
       return out;
@@ -407,6 +407,31 @@ at::Tensor conv2d_add_relu_cuda(const at::Tensor& input, const at::Tensor& weigh
 }
 
 }  // namespace
+
+CutlassPlanSummary describe_cutlass_plan(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                         bool gemm_routes) {
+  const ConvShape s =
+      check_conv2d_args("cutlass_plan", input, weight, c10::nullopt, at::Tensor(), stride, padding, dilation, groups);
+  CutlassPlanSummary summary;
+#ifdef CNNKERNELS_WITH_CUTLASS
+  CutlassPlan plan = plan_cutlass(s, gemm_routes);
+  plan.problem.sm_count = 132;  // an H100 SXM's: it only sizes the persistent grid, and 0 would ask the device
+  summary.unsupported = cutlass_unsupported(s, plan, input.scalar_type(), /*sm90a_device=*/true);
+  summary.kernel = plan.as_gemm ? "gemm" : "conv";
+  summary.tile_n = with_cutlass_kernel(input.scalar_type(), plan, [](auto kernel) { return decltype(kernel)::kTileN; });
+  summary.packs_windows = plan.packs_windows;
+  summary.subsamples = plan.subsamples;
+  const ConvProblem& p = plan.problem;
+  summary.problem = {p.N, p.H, p.W, p.C, p.K, p.R, p.S, p.P, p.Q,
+                     p.pad_h, p.pad_w, p.stride_h, p.stride_w, p.dil_h, p.dil_w};
+  (void)cudaGetLastError();  // the GEMM's arguments ask for the current device, an error without a GPU
+#else
+  summary.unsupported = "needs a build with CUTLASS (the nvidia-cutlass package's headers)";
+#endif
+  return summary;
+}
+
 }  // namespace cuda
 }  // namespace cnnkernels
 

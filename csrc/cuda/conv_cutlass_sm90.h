@@ -29,6 +29,7 @@ constexpr int kNarrowTileN = 64, kWideTileN = 128;
 // Defined once per element type and tile width in conv_cutlass_sm90_<type>_n<width>.cu.
 template <Element E, int TileN>
 struct Sm90ConvBiasResidualRelu {
+  static constexpr int kTileN = TileN;
   // Host-only: whether this kernel accepts the problem (alignment, TMA im2col limits).
   static bool can_implement(const ConvProblem& p);
   static size_t workspace_size(const ConvProblem& p);
@@ -40,6 +41,7 @@ struct Sm90ConvBiasResidualRelu {
 // Defined once per element type and tile width in conv_cutlass_sm90_<type>_gemm_n<width>.cu.
 template <Element E, int TileN>
 struct Sm90GemmBiasResidualRelu {
+  static constexpr int kTileN = TileN;
   static bool can_implement(const ConvProblem& p);
   static size_t workspace_size(const ConvProblem& p);
   static const char* run(const ConvProblem& p, void* workspace, cudaStream_t stream);
