@@ -204,14 +204,17 @@ def main(quick):
     return summary()
 
 
+def empty_bf16(shape):
+    """A 4-D bf16 channels_last tensor, uninitialized: the launches only compile, and benchmark sizes are large."""
+    return torch.empty(shape, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+
 def box_layers():
     conv._HOPPER_16BIT = [c for c in conv._HOPPER_16BIT if c.boxes]
     for c, k, hw, ks in ((64, 64, 224, 3), (64, 64, 56, 3), (128, 128, 28, 3), (256, 256, 14, 3), (512, 512, 7, 3),
                          (256, 64, 56, 1), (64, 256, 56, 1), (1024, 256, 14, 1), (512, 2048, 7, 1)):
         print(f"== {c}>{k} {ks}x{ks} @{hw}", flush=True)
-        x = torch.empty(64, c, hw, hw, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        w = torch.empty(k, c, ks, ks, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        res = torch.empty(64, k, hw, hw, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        x, w, res = empty_bf16((64, c, hw, hw)), empty_bf16((k, c, ks, ks)), empty_bf16((64, k, hw, hw))
         pad = (ks // 2, ks // 2)
         conv._conv2d_fused(x, w, res, torch.empty(k, dtype=torch.bfloat16), (1, 1), pad, (1, 1), 1)
     return summary()
@@ -220,13 +223,10 @@ def box_layers():
 def bench_layers():
     from cnnkernels.bench import shapes
 
-    def empty(shape):
-        return torch.empty(shape, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-
     for model in shapes.MODEL_INPUTS:
         for layer, batch in itertools.product(shapes.model_conv_layers(model), (1, 64)):
-            res = empty(layer.output_shape(batch)) if layer.residual else None
-            conv._conv2d_fused(empty(layer.input_shape(batch)), empty(layer.weight_shape()), res,
+            res = empty_bf16(layer.output_shape(batch)) if layer.residual else None
+            conv._conv2d_fused(empty_bf16(layer.input_shape(batch)), empty_bf16(layer.weight_shape()), res,
                                torch.empty(layer.out_channels, dtype=torch.bfloat16), (layer.stride,) * 2,
                                (layer.padding,) * 2, (layer.dilation,) * 2, layer.groups)
     return summary()
