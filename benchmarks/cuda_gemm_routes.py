@@ -9,6 +9,10 @@ medians after warm-up (cnnkernels.bench.timing), cudnn.benchmark on. The verdict
 which of our two is faster: if the conv kernel wins a layer class, csrc/cuda/conv.cu's routes
 should leave it there.
 
+A stem's windows are packed and run a few images per pass, CNNKERNELS_CUDA_STEM_PASS_BYTES at a
+time (64 MiB unless set, chosen for memory). A second table times the stems' GEMM route over a
+sweep of pass sizes, at the given batch and at 256: the default should become the fastest.
+
     python benchmarks/cuda_gemm_routes.py [--batch 64] [--out FILE]
 """
 import argparse
@@ -25,6 +29,7 @@ from cnnkernels.bench.timing import GpuTimer, rotating_sets
 
 ROUTES = {"gemm": "cutlass", "conv_kernel": "cutlass-conv"}  # CNNKERNELS_CUDA_CONV for each
 WRONG = 0.05  # max |ours - cuDNN| / max |cuDNN| above this is a wrong result (bf16 rounding is ~1e-2)
+STEM_PASS_MIB = [4, 8, 16, 32, 64, 2**20]  # 2**20 MiB: every image in one pass
 
 
 def gemm_route_layers():
@@ -40,6 +45,38 @@ def timed(timer, fn, sets):
 
 def max_relative_error(out, ref):
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+
+
+def stem_pass_sweep(timer, dtype, elem, batches, lines):
+    """Times each stem's GEMM route per pass size; appends the table to `lines`, returns what was wrong."""
+    names = [f"{mib} MiB" for mib in STEM_PASS_MIB[:-1]] + ["one pass"]
+    header = "stem passes, us per call (median) by CNNKERNELS_CUDA_STEM_PASS_BYTES"
+    lines += ["", header, f"{'layer':38s} {'batch':>5s} " + " ".join(f"{name:>8s}" for name in names) + "  fastest"]
+    print("\n".join(lines[-3:]), flush=True)
+    os.environ["CNNKERNELS_CUDA_CONV"] = "cutlass"
+    wrong = []
+    for layer in [layer for layer in gemm_route_layers() if layer.in_channels < 16]:
+        for batch in batches:
+            sets = make_inputs(layer, batch, dtype, "cuda",
+                               rotating_sets(layer.min_bytes(batch, elem), timer.l2_bytes))
+            ref = layer_function("cudnn_fused", layer, "cuda")(*sets[0])
+            ours, times = layer_function("cuda", layer, "cuda"), []
+            for mib in STEM_PASS_MIB:
+                os.environ["CNNKERNELS_CUDA_STEM_PASS_BYTES"] = str(mib << 20)
+                try:
+                    us, out = timed(timer, ours, sets)
+                except (RuntimeError, NotImplementedError) as error:
+                    print(f"  {mib} MiB on {layer.label}: {str(error).splitlines()[0][:160]}", flush=True)
+                    us, out = math.nan, ref
+                times.append(us)
+                if not max_relative_error(out, ref) <= WRONG:
+                    wrong.append(f"stem passes of {mib} MiB on {layer.label} at batch {batch}")
+            valid = [(t, name) for t, name in zip(times, names) if not math.isnan(t)]
+            fastest = min(valid)[1] if valid else "n/a"
+            lines.append(f"{layer.label:38s} {batch:5d} " + " ".join(f"{t:8.1f}" for t in times) + f"  {fastest}")
+            print(lines[-1], flush=True)
+    del os.environ["CNNKERNELS_CUDA_STEM_PASS_BYTES"]
+    return wrong
 
 
 def main():
@@ -87,6 +124,7 @@ def main():
         if values:
             lines.append(f"{route}: geomean {geomean(values):.3f}x cudnn_fused, lowest {min(values):.2f}x, {len(values)} layers")
             print(lines[-1])
+    wrong += stem_pass_sweep(timer, dtype, elem, [args.batch, 256], lines)
     if wrong:
         lines.append("WRONG RESULTS: " + "; ".join(wrong))
         print(lines[-1])

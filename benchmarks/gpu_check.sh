@@ -3,9 +3,9 @@
 #   builds the extension for Hopper, checks that the C++ ops raise on bad arguments, runs the
 #   tests that use the GPU, the benchmark suite's default GPU subset, its training step (--train),
 #   a profile of that step and the ops' host cost per call, compute-sanitizer over the CUDA
-#   kernels, the CUDA backend's GEMM routes against its conv kernel, a tile-size sweep of the
-#   fused BN kernels, then the rest of the test suite with the time left, and writes everything
-#   under $OUT (default ./gpu-out). The steps end by 585 s, under one device command's 10 minutes
+#   kernels, the CUDA backend's GEMM routes against its conv kernel (and its stems' pass size),
+#   a tile-size sweep of the fused BN kernels, then the rest of the test suite with the time
+#   left, and writes everything under $OUT (default ./gpu-out). The steps end by 585 s, under one device command's 10 minutes
 #   (the first H200 run: 72 s build, 10 min in all).
 # Usage: bash benchmarks/gpu_check.sh [--full]
 # Each step has its own time cap, so one slow step cannot eat the lease; the summary at the
@@ -111,8 +111,9 @@ step memcheck "$(left 25 20)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
   compute-sanitizer --tool memcheck --error-exitcode 1 python3 csrc/cuda/memcheck.py
 
 # The CUDA backend's GEMM routes (1x1 convs and stems on CUTLASS's persistent GEMM, untimed so far)
-# against CUTLASS's conv kernel on the same layers, and cuDNN's fused op; it also checks their results.
-step routes "$(left 45 15)" python3 benchmarks/cuda_gemm_routes.py --out "$OUT/cuda_gemm_routes.txt"
+# against CUTLASS's conv kernel on the same layers, and cuDNN's fused op, then the stems' pass size
+# (CNNKERNELS_CUDA_STEM_PASS_BYTES) swept at batch 64 and 256; it also checks their results.
+step routes "$(left 60 15)" python3 benchmarks/cuda_gemm_routes.py --out "$OUT/cuda_gemm_routes.txt"
 
 # Which tile size the fused BN's per-channel kernels should use (1024 elements now, unmeasured);
 # only with a minute to spare, as the results must still be packed up below.

@@ -110,6 +110,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         summary["tile_n"] = plan.tile_n;
         summary["packs_windows"] = plan.packs_windows;
         summary["subsamples"] = plan.subsamples;
+        summary["images_per_pass"] = plan.images_per_pass;
         summary["problem"] = plan.problem;
         summary["unsupported"] = plan.unsupported;
         return summary;

@@ -303,6 +303,27 @@ def test_cutlass_conv_kernel_without_the_gemm_routes(case, dtype):
     check_conv("cutlass-conv", x, weight, b, geometry, residual_for(x, weight, geometry, "channels_last"))
 
 
+@pytest.mark.parametrize("images_per_pass", [1, 2])
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_stem_packed_in_passes(images_per_pass, layout, monkeypatch):
+    """A stem's windows are packed and run a few images per pass: 5 images in passes of 1 or 2
+    (the last one short), each pass into its own images of the output, with a residual. The
+    result is the same, bit for bit, as in one pass: a row's sum does not depend on the pass."""
+    cutlass_or_skip()
+    x, weight, b, geometry = make_conv((5, 3, 33, 30, 64, (7, 7), 2, 3, 1, 1), torch.bfloat16, layout)
+    residual = residual_for(x, weight, geometry, OTHER_LAYOUT[layout])
+    _, _, oh, ow = output_shape(x, weight, geometry)
+    image_bytes = oh * ow * 152 * 2  # 147 window columns, rounded up to 8, in bf16
+    monkeypatch.setenv("CNNKERNELS_CUDA_STEM_PASS_BYTES", str(images_per_pass * image_bytes + image_bytes // 2))
+    plan = _extension.module().cutlass_plan(x, weight, geometry["stride"], geometry["padding"],
+                                            geometry["dilation"], 1)
+    assert plan["images_per_pass"] == images_per_pass and plan["problem"][0] == images_per_pass
+    out = check_conv("cutlass", x, weight, b, geometry, residual)
+    monkeypatch.delenv("CNNKERNELS_CUDA_STEM_PASS_BYTES")
+    with conv_kernel("cutlass"):
+        assert torch.equal(out, run_conv(x, weight, b, geometry, residual))
+
+
 def test_auto_picks_cutlass_for_bf16_and_generic_otherwise():
     cutlass_or_skip()
     x, weight, bias, geometry = make_conv(CUTLASS_CASES["3x3"], torch.bfloat16, "channels_last")
@@ -455,17 +476,20 @@ def need_gpu_memory(gib):
         pytest.skip(f"needs {gib} GiB of free GPU memory")
 
 
-@pytest.mark.parametrize("kernel", ["generic", "cutlass"])
-def test_conv_output_past_2_to_the_31_elements(kernel):
-    """A 4096x64x112x112 bf16 output has 3.3e9 elements: 32-bit offsets would wrap."""
+@pytest.mark.parametrize("kernel, stem", [("generic", False), ("cutlass", False), ("cutlass", True)],
+                         ids=["generic", "cutlass", "cutlass_stem"])
+def test_conv_output_past_2_to_the_31_elements(kernel, stem):
+    """A 4096x64x112x112 bf16 output has 3.3e9 elements: 32-bit offsets would wrap. The stem
+    (ResNet-50's, 7x7 stride 2 over RGB) runs its packed windows in passes of a few images."""
     if kernel == "cutlass":
         cutlass_or_skip()
     need_gpu_memory(24)
-    x = torch.randn(4096, 8, 112, 112, device="cuda", dtype=torch.bfloat16).contiguous(
+    c, size, r = (3, 224, 7) if stem else (8, 112, 1)
+    x = torch.randn(4096, c, size, size, device="cuda", dtype=torch.bfloat16).contiguous(
         memory_format=torch.channels_last)
-    weight = (torch.randn(64, 8, 1, 1, device="cuda") / 3).to(torch.bfloat16)
+    weight = (torch.randn(64, c, r, r, device="cuda") / (c * r * r) ** 0.5).to(torch.bfloat16)
     bias = torch.randn(64, device="cuda", dtype=torch.bfloat16)
-    geometry = dict(stride=[1, 1], padding=[0, 0], dilation=[1, 1], groups=1)
+    geometry = dict(stride=[2 if stem else 1] * 2, padding=[r // 2] * 2, dilation=[1, 1], groups=1)
     with conv_kernel(kernel), poisoned_outputs():
         out = run_conv(x, weight, bias, geometry)
     assert out.numel() > 2**31 and not out.isnan().any()

@@ -54,13 +54,54 @@ def test_every_benchmark_layer_plans_onto_cutlass(layer, batch, dtype, gemm_rout
     assert got["subsamples"] == (gemm_routes and one_by_one and layer.stride > 1)
     assert got["kernel"] == ("gemm" if gemm_routes and (stem or one_by_one) else "conv")
     assert got["tile_n"] == (64 if k <= 64 else 128)
-    if stem:  # a 1x1 conv over the C*R*S window columns, rounded up to 8
-        expected = [batch, oh, ow, round8(c * r * r), k, 1, 1, oh, ow, 0, 0, 1, 1, 1, 1]
+    images = got["images_per_pass"]
+    if stem:  # a 1x1 conv over the C*R*S window columns, rounded up to 8, a few images per pass
+        assert images == stem_images_per_pass(batch, oh * ow * round8(c * r * r) * 2)
+        expected = [images, oh, ow, round8(c * r * r), k, 1, 1, oh, ow, 0, 0, 1, 1, 1, 1]
     elif got["subsamples"]:  # the stride-1 1x1 conv over every stride-th pixel
         expected = [batch, oh, ow, round8(c), k, 1, 1, oh, ow, 0, 0, 1, 1, 1, 1]
     else:
         expected = [batch, layer.height, layer.width, round8(c), k, r, r, oh, ow, *padding, *stride, 1, 1]
+    assert images == batch or stem
     assert got["problem"] == expected
+
+
+STEM_PASS_BYTES = 64 << 20
+
+
+def stem_images_per_pass(batch, image_bytes, pass_bytes=STEM_PASS_BYTES):
+    """The most images whose packed windows fit in pass_bytes, at least one."""
+    images = min(batch, max(1, pass_bytes // image_bytes))
+    assert images == 1 or images * image_bytes <= pass_bytes
+    assert images == batch or (images + 1) * image_bytes > pass_bytes
+    return images
+
+
+@pytest.mark.parametrize("pass_bytes, images", [("1", 1), ("3000000", 1), ("8000000", 2), ("24000000", 6),
+                                                ("10000000000", 7)])
+def test_stem_pass_size_follows_the_environment(pass_bytes, images, monkeypatch):
+    """ResNet-50's stem over 7 images, 112x112 windows of 152 columns in bf16 (3.8 MB each), in
+    passes of CNNKERNELS_CUDA_STEM_PASS_BYTES (read on every call)."""
+    monkeypatch.setenv("CNNKERNELS_CUDA_STEM_PASS_BYTES", pass_bytes)
+    got = plan((7, 3, 224, 224), (64, 3, 7, 7), (2, 2), (3, 3))
+    assert (got["kernel"], got["packs_windows"], got["images_per_pass"]) == ("gemm", True, images)
+    assert got["problem"][0] == images == stem_images_per_pass(7, 112 * 112 * 152 * 2, int(pass_bytes))
+
+
+@pytest.mark.parametrize("pass_bytes", ["0", "-5", "32M", "1.5"])
+def test_a_bad_stem_pass_size_is_named(pass_bytes, monkeypatch):
+    monkeypatch.setenv("CNNKERNELS_CUDA_STEM_PASS_BYTES", pass_bytes)
+    with pytest.raises(RuntimeError, match=f"CNNKERNELS_CUDA_STEM_PASS_BYTES must be a positive number of "
+                                           f"bytes, but got '{pass_bytes}'"):
+        plan((1, 3, 32, 32), (64, 3, 3, 3), (1, 1), (1, 1))
+
+
+def test_a_stem_past_2_to_the_31_rows_runs_in_passes():
+    """N*OH*OW = 2^33 rows: no single CUTLASS launch can take them, but a pass of 16 images can."""
+    got = plan((2**17, 3, 256, 256), (64, 3, 3, 3), (1, 1), (1, 1))
+    assert got["unsupported"] == ""
+    assert got["images_per_pass"] == 16 == STEM_PASS_BYTES // (256 * 256 * 32 * 2)
+    assert got["problem"][:5] == [16, 256, 256, 32, 64]
 
 
 @pytest.mark.parametrize("input_shape, weight_shape, stride, padding, dilation, kernel", [

@@ -6,11 +6,11 @@
 // 16-byte-aligned tensors with in channels a multiple of 8, so other inputs are copied once into
 // that form (zero channels appended, e.g. 12 -> 16; an NCHW output copied back): far cheaper than
 // running such a conv on CUDA cores. A stem (fewer than 16 in channels, e.g. RGB) runs instead as
-// a 1x1 conv over its packed windows (pack_windows.cuh), and a 1x1 unpadded conv as CUTLASS's
-// persistent GEMM (a strided one, ResNet's downsampling convs, over a copy of every stride-th
-// pixel). Both kernels take 64-wide output-channel tiles for at most 64 output channels, else
-// 128-wide ones. Everything else, fp32 (IEEE, no TF32)
-// and fp64 included, runs the generic kernels of conv_generic.cuh.
+// a 1x1 conv over its packed windows (pack_windows.cuh; a few images per pass, so that the
+// windows take at most 64 MiB), and a 1x1 unpadded conv as CUTLASS's persistent GEMM (a strided
+// one, ResNet's downsampling convs, over a copy of every stride-th pixel). Both kernels take
+// 64-wide output-channel tiles for at most 64 output channels, else 128-wide ones. Everything
+// else, fp32 (IEEE, no TF32) and fp64 included, runs the generic kernels of conv_generic.cuh.
 //
 // CNNKERNELS_CUDA_CONV (read on every call) picks the kernel for tests and benchmarks:
 // "auto" (default), "generic", "cutlass" (raises NotImplementedError saying why when the CUTLASS
@@ -25,8 +25,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -172,7 +174,26 @@ int64_t padded_channels(int64_t c) { return (c + kChannelAlign - 1) / kChannelAl
 // packed windows (pack_windows.cuh): C * R * S reduction columns rounded up to 8, instead of a
 // 64-wide channel tile per tap for C padded to 8 (an RGB 7x7 stem: 152 columns against 49 x 64).
 bool packs_windows(const ConvShape& s) {
-  return s.C < 16 && s.R * s.S > 1 && s.N * s.OH * s.OW <= std::numeric_limits<int32_t>::max();
+  return s.C < 16 && s.R * s.S > 1 && s.OH * s.OW <= std::numeric_limits<int32_t>::max();
+}
+
+// A stem's packed windows are many times its input (ResNet-50's at batch 256 in bf16: 976 MB,
+// 12.7x), so they are packed and run a few images at a time, in passes that reuse one buffer of at
+// most this many bytes (at least one image). 64 MiB is a guess, not a measurement: it bounds the
+// memory while keeping the passes few (4 for ResNet-50's stem at batch 64, so that their launches
+// stay cheaper than their GPU time); a pass small enough to stay in L2 might save HBM traffic.
+// CNNKERNELS_CUDA_STEM_PASS_BYTES (read on every call) overrides it, for tests and for the sweep
+// of benchmarks/cuda_gemm_routes.py, which should set it.
+constexpr int64_t kStemPassBytes = int64_t{64} << 20;
+
+int64_t stem_pass_bytes() {
+  const char* v = std::getenv("CNNKERNELS_CUDA_STEM_PASS_BYTES");
+  if (v == nullptr || *v == '\0') return kStemPassBytes;
+  char* end = nullptr;
+  const long long bytes = std::strtoll(v, &end, 10);
+  TORCH_CHECK(*end == '\0' && bytes > 0,
+              "CNNKERNELS_CUDA_STEM_PASS_BYTES must be a positive number of bytes, but got '", v, "'");
+  return bytes;
 }
 
 // A strided 1x1 conv without padding is the stride-1 1x1 conv over every stride-th pixel: copied
@@ -197,6 +218,9 @@ struct CutlassPlan {
   bool packs_windows = false;  // a stem: the 1x1 conv over its packed windows
   bool subsamples = false;     // a strided 1x1 conv: the stride-1 one over every stride-th pixel
   bool as_gemm = false;        // the persistent GEMM, else the conv kernel
+  // Images per launch: all of them, except for a stem's passes (stem_pass_bytes). `problem` is
+  // one pass's; the last pass may hold fewer images.
+  int64_t images_per_pass = 0;
 };
 
 // `gemm_routes` false (CNNKERNELS_CUDA_CONV=cutlass-conv) keeps every conv on the conv kernel.
@@ -205,11 +229,17 @@ CutlassPlan plan_cutlass(const ConvShape& s, bool gemm_routes) {
   plan.packs_windows = packs_windows(s);
   plan.subsamples = gemm_routes && subsamples(s);
   ConvProblem& p = plan.problem;
-  p.N = static_cast<int>(s.N); p.K = static_cast<int>(s.K);
+  plan.images_per_pass = s.N;
+  p.K = static_cast<int>(s.K);
   if (plan.packs_windows || plan.subsamples) {  // R = S = 1, no padding, stride and dilation 1: the struct's defaults
     p.H = p.P = static_cast<int>(s.OH); p.W = p.Q = static_cast<int>(s.OW);
     p.C = static_cast<int>(padded_channels(plan.packs_windows ? s.C * s.R * s.S : s.C));
     p.R = p.S = 1;
+    if (plan.packs_windows) {
+      const int64_t image_bytes = s.OH * s.OW * p.C * 2;  // bf16 or fp16
+      const int64_t fit = std::max<int64_t>(1, stem_pass_bytes() / image_bytes);
+      plan.images_per_pass = std::min({s.N, fit, std::numeric_limits<int32_t>::max() / (s.OH * s.OW)});
+    }
   } else {
     p.H = static_cast<int>(s.H); p.W = static_cast<int>(s.W);
     p.C = static_cast<int>(padded_channels(s.C));
@@ -219,6 +249,7 @@ CutlassPlan plan_cutlass(const ConvShape& s, bool gemm_routes) {
     p.stride_h = static_cast<int>(s.stride_h); p.stride_w = static_cast<int>(s.stride_w);
     p.dil_h = static_cast<int>(s.dil_h); p.dil_w = static_cast<int>(s.dil_w);
   }
+  p.N = static_cast<int>(plan.images_per_pass);
   plan.as_gemm = gemm_routes && runs_as_gemm(p);
   return plan;
 }
@@ -289,11 +320,12 @@ at::Tensor as_tma_operand(const at::Tensor& t, int64_t channels) {
   return c;
 }
 
-// The stem's input windows as a (N, OH, OW, kpad) channels_last tensor (pack_windows.cuh).
-at::Tensor packed_windows(const ConvShape& s, const at::Tensor& input, int64_t kpad, cudaStream_t stream) {
-  at::Tensor cols = at::empty({s.N, kpad, s.OH, s.OW}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+// Writes the stem's windows of `images` (some of the input's images) into `cols`, a channels_last
+// (images, kpad, OH, OW) tensor (pack_windows.cuh).
+void pack_windows(const ConvShape& s, const at::Tensor& images, const at::Tensor& cols, cudaStream_t stream) {
+  const int64_t kpad = cols.size(1);
   PackWindowsParams p{};
-  p.M = static_cast<int>(s.N * s.OH * s.OW);
+  p.M = static_cast<int>(images.size(0) * s.OH * s.OW);  // below 2^31 (plan_cutlass)
   p.C = static_cast<int>(s.C); p.H = static_cast<int>(s.H); p.W = static_cast<int>(s.W);
   p.R = static_cast<int>(s.R); p.S = static_cast<int>(s.S);
   p.OH = static_cast<int>(s.OH); p.OW = static_cast<int>(s.OW);
@@ -302,17 +334,16 @@ at::Tensor packed_windows(const ConvShape& s, const at::Tensor& input, int64_t k
   p.dil_h = static_cast<int>(s.dil_h); p.dil_w = static_cast<int>(s.dil_w);
   p.Kred = static_cast<int>(s.C * s.R * s.S);
   p.Kpad = static_cast<int>(kpad);
-  p.in = strides_of(input);
+  p.in = strides_of(images);
   // Threads across a row's columns (a multiple of 32); enough blocks to fill every SM's 2048 threads.
   const int threads = static_cast<int>(std::min<int64_t>((kpad + 31) / 32 * 32, kPackMaxThreads));
   const auto blocks = static_cast<unsigned>(
       std::min<int64_t>(p.M, int64_t{multiprocessor_count()} * (2048 / threads)));
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(input.scalar_type(), "pack_windows", [&] {
-    pack_windows_kernel<scalar_t><<<blocks, threads, 0, stream>>>(p, input.const_data_ptr<scalar_t>(),
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(images.scalar_type(), "pack_windows", [&] {
+    pack_windows_kernel<scalar_t><<<blocks, threads, 0, stream>>>(p, images.const_data_ptr<scalar_t>(),
                                                                   cols.mutable_data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return cols;
 }
 
 // The weight of the packed 1x1 conv: (K, C, R, S) as rows (r, s, c), zero-padded to kpad.
@@ -329,7 +360,8 @@ void run_cutlass(const char* op, const ConvShape& s, const CutlassPlan& plan, co
   const auto CL = at::MemoryFormat::ChannelsLast;
   ConvProblem p = plan.problem;
   const bool packed = plan.packs_windows;
-  const at::Tensor x = packed ? packed_windows(s, input, p.C, stream)
+  // A stem's windows: one buffer of a pass's images, refilled by every pass.
+  const at::Tensor x = packed ? at::empty({plan.images_per_pass, p.C, s.OH, s.OW}, input.options().memory_format(CL))
                                : as_tma_operand(plan.subsamples ? subsampled(s, input) : input, p.C);
   const at::Tensor w = packed ? packed_weight(weight, p.C) : as_tma_operand(weight, p.C);
   const at::Tensor res = residual.defined() ? as_tma_operand(residual, s.K) : at::Tensor();
@@ -338,22 +370,28 @@ void run_cutlass(const char* op, const ConvShape& s, const CutlassPlan& plan, co
   const bool direct = out.is_contiguous(CL) && is_aligned(out.const_data_ptr(), 16);
   const at::Tensor y = direct ? out : at::empty(out.sizes(), out.options().memory_format(CL));
 
-  p.input = x.const_data_ptr();
   p.weight = w.const_data_ptr();
   p.bias = b.defined() ? b.const_data_ptr() : nullptr;
-  p.residual = res.defined() ? res.const_data_ptr() : nullptr;
-  p.output = y.mutable_data_ptr();
-
   p.sm_count = multiprocessor_count();
-  const char* error = with_cutlass_kernel(input.scalar_type(), plan, [&](auto kernel) {
-    using Kernel = decltype(kernel);
-    const size_t ws_bytes = Kernel::workspace_size(p);
-    at::Tensor workspace;
-    if (ws_bytes > 0) workspace = at::empty({static_cast<int64_t>(ws_bytes)}, input.options().dtype(at::kByte));
-    return Kernel::run(p, ws_bytes > 0 ? workspace.mutable_data_ptr() : nullptr, stream);
-  });
-  TORCH_CHECK(error == nullptr, op, ": ", error);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Images [first, first + n) per pass. A pass's images in x, res and y start 16-byte aligned:
+  // they are channels_last-dense with channel counts that are multiples of 8.
+  for (int64_t first = 0; first < s.N; first += plan.images_per_pass) {
+    const int64_t n = std::min(plan.images_per_pass, s.N - first);
+    if (packed) pack_windows(s, input.narrow(0, first, n), x.narrow(0, 0, n), stream);
+    p.N = static_cast<int>(n);
+    p.input = packed ? x.const_data_ptr() : x.narrow(0, first, n).const_data_ptr();
+    p.residual = res.defined() ? res.narrow(0, first, n).const_data_ptr() : nullptr;
+    p.output = y.narrow(0, first, n).mutable_data_ptr();
+    const char* error = with_cutlass_kernel(input.scalar_type(), plan, [&](auto kernel) {
+      using Kernel = decltype(kernel);
+      const size_t ws_bytes = Kernel::workspace_size(p);
+      at::Tensor workspace;
+      if (ws_bytes > 0) workspace = at::empty({static_cast<int64_t>(ws_bytes)}, input.options().dtype(at::kByte));
+      return Kernel::run(p, ws_bytes > 0 ? workspace.mutable_data_ptr() : nullptr, stream);
+    });
+    TORCH_CHECK(error == nullptr, op, ": ", error);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   if (!direct) out.copy_(y);
 }
 #endif  // CNNKERNELS_WITH_CUTLASS
@@ -422,6 +460,7 @@ CutlassPlanSummary describe_cutlass_plan(const at::Tensor& input, const at::Tens
   summary.tile_n = with_cutlass_kernel(input.scalar_type(), plan, [](auto kernel) { return decltype(kernel)::kTileN; });
   summary.packs_windows = plan.packs_windows;
   summary.subsamples = plan.subsamples;
+  summary.images_per_pass = plan.images_per_pass;
   const ConvProblem& p = plan.problem;
   summary.problem = {p.N, p.H, p.W, p.C, p.K, p.R, p.S, p.P, p.Q,
                      p.pad_h, p.pad_w, p.stride_h, p.stride_w, p.dil_h, p.dil_w};

@@ -22,7 +22,8 @@ struct CutlassPlanSummary {
   int64_t tile_n = 0;           // the kernel's output-channel tile width
   bool packs_windows = false;   // a stem, run as a 1x1 conv over its packed windows
   bool subsamples = false;      // a strided 1x1 conv, run over a copy of every stride-th pixel
-  std::vector<int64_t> problem; // what CUTLASS runs: N, H, W, C, K, R, S, P, Q, pad, stride, dilation (h, w)
+  int64_t images_per_pass = 0;  // images per launch: all, or fewer for a stem's packed windows
+  std::vector<int64_t> problem; // what one pass runs: N, H, W, C, K, R, S, P, Q, pad, stride, dilation (h, w)
   std::string unsupported;      // why CUTLASS cannot take it (the text of the error it raises); empty if it can
 };
 

@@ -127,6 +127,11 @@ def run_cutlass():
         for shape in CUTLASS_SHAPES:
             for fmt in ("channels_last", "nchw"):
                 run_conv("cutlass", dtype, shape, fmt, residual=fmt == "channels_last", bias=shape[1] != 136)
+    # A stem's windows packed and run 2 images per pass (9x9 windows of 152 columns each), the last short.
+    os.environ["CNNKERNELS_CUDA_STEM_PASS_BYTES"] = str(2 * 9 * 9 * 152 * 2)
+    for dtype in (torch.bfloat16, torch.float16):
+        run_conv("cutlass", dtype, (3, 3, 17, 17, 64, 7, 2, 3, 1, 1), "channels_last", residual=True)
+    del os.environ["CNNKERNELS_CUDA_STEM_PASS_BYTES"]
 
 
 def main():
