@@ -77,7 +77,11 @@ bool run_case(const Case& c, std::mt19937& rng, bool direct) {
 }
 
 // pack_windows_kernel: every element of the (M x Kpad) rows, padding taps and columns zero.
-bool run_pack_case(const Case& c, std::mt19937& rng, unsigned blocks, unsigned threads) {
+// `first` and `count` (-1: all) pack one pass's images, as conv.cu does: the input pointer moved
+// to image `first`, the rows of `count` images.
+bool run_pack_case(const Case& c, std::mt19937& rng, unsigned blocks, unsigned threads, int first = 0,
+                   int count = -1) {
+  if (count < 0) count = c.N;
   int OH = (c.H + 2*c.ph - c.dh*(c.R-1) - 1)/c.sh + 1, OW = (c.W + 2*c.pw - c.dw*(c.S-1) - 1)/c.sw + 1;
   std::normal_distribution<float> nd;
   size_t in_sz; int64_t in_off;
@@ -85,26 +89,26 @@ bool run_pack_case(const Case& c, std::mt19937& rng, unsigned blocks, unsigned t
   std::vector<float> in(in_sz);
   for (auto& v : in) v = nd(rng);
   PackWindowsParams p{};
-  p.M = c.N*OH*OW; p.C=c.C; p.H=c.H; p.W=c.W; p.R=c.R; p.S=c.S; p.OH=OH; p.OW=OW;
+  p.M = count*OH*OW; p.C=c.C; p.H=c.H; p.W=c.W; p.R=c.R; p.S=c.S; p.OH=OH; p.OW=OW;
   p.stride_h=c.sh; p.stride_w=c.sw; p.pad_h=c.ph; p.pad_w=c.pw; p.dil_h=c.dh; p.dil_w=c.dw;
   p.Kred = c.C*c.R*c.S; p.Kpad = (p.Kred + 7) / 8 * 8; p.in = si;
   std::vector<float> cols((size_t)p.M * p.Kpad, NAN);
   const float* ip = in.data() + in_off;
-  launch_on_cpu({blocks,1,1}, threads, [&]{ pack_windows_kernel<float>(p, ip, cols.data()); });
+  launch_on_cpu({blocks,1,1}, threads, [&]{ pack_windows_kernel<float>(p, ip + first*si.n, cols.data()); });
   int64_t bad = 0;
-  for (int n = 0; n < c.N; ++n) for (int oh = 0; oh < OH; ++oh) for (int ow = 0; ow < OW; ++ow)
+  for (int n = 0; n < count; ++n) for (int oh = 0; oh < OH; ++oh) for (int ow = 0; ow < OW; ++ow)
     for (int col = 0; col < p.Kpad; ++col) {
       float want = 0;
       if (col < p.Kred) {
         int r = col / (c.S*c.C), s = (col / c.C) % c.S, ci = col % c.C;
         int ih = oh*c.sh - c.ph + r*c.dh, iw = ow*c.sw - c.pw + s*c.dw;
-        if (ih >= 0 && ih < c.H && iw >= 0 && iw < c.W) want = ip[n*si.n + ci*si.c + ih*si.h + iw*si.w];
+        if (ih >= 0 && ih < c.H && iw >= 0 && iw < c.W) want = ip[(first+n)*si.n + ci*si.c + ih*si.h + iw*si.w];
       }
       bad += !(cols[(((int64_t)n*OH + oh)*OW + ow)*p.Kpad + col] == want);
     }
-  printf("%s pack N%d C%d %dx%d %dx%d s%d,%d p%d,%d d%d,%d in%d blocks%u threads%u Kpad%d: %lld wrong\n",
+  printf("%s pack N%d C%d %dx%d %dx%d s%d,%d p%d,%d d%d,%d in%d blocks%u threads%u Kpad%d images %d+%d: %lld wrong\n",
          bad ? "FAIL" : "ok  ", c.N,c.C,c.H,c.W,c.R,c.S,c.sh,c.sw,c.ph,c.pw,c.dh,c.dw,c.in_fmt,blocks,threads,p.Kpad,
-         (long long)bad);
+         first,count,(long long)bad);
   return bad == 0;
 }
 
@@ -121,6 +125,11 @@ int main() {
   // threads below, at and above a row's length (columns looped), blocks below and above the rows
   for (auto& c : stems) for (unsigned blocks : {1u, 3u, 64u}) for (unsigned threads : {32u, 160u})
     ok &= run_pack_case(c, rng, blocks, threads);
+  // A stem in passes: 5 images in passes of 2 (the last short), NCHW and sliced inputs.
+  for (int in_fmt : {0, 2}) for (int first : {0, 2, 4}) {
+    const Case c = {5, 3, 13, 11, 8, 7,7, 2,2, 3,3, 1,1, 1, in_fmt, 0, 1, -1, true, 0};
+    ok &= run_pack_case(c, rng, 7, 160, first, std::min(2, c.N - first));
+  }
   std::vector<Case> cases = {
     //N C  H  W  K  R S sh sw ph pw dh dw G  in w out res bias ycap
     {2, 5, 6, 7, 3, 1,1, 1,1, 0,0, 1,1, 1, 0, 0, 0, -1, true, 65535},
