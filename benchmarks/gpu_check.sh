@@ -5,8 +5,8 @@
 #   a profile of that step and the ops' host cost per call, compute-sanitizer over the CUDA
 #   kernels, the CUDA backend's GEMM routes against its conv kernel (and its stems' pass size),
 #   a tile-size sweep of the fused BN kernels, then the rest of the test suite with the time
-#   left, and writes everything under $OUT (default ./gpu-out). The steps end by 585 s, under one device command's 10 minutes
-#   (the first H200 run: 72 s build, 10 min in all).
+#   left, and writes everything under $OUT (default ./gpu-out). The steps end by 585 s, under
+#   one device command's 10 minutes (the first H200 run: 72 s build, 10 min in all).
 # Usage: bash benchmarks/gpu_check.sh [--full]
 # Each step has its own time cap, so one slow step cannot eat the lease; the summary at the
 # end says which steps passed, and the exit status is 1 if any failed.

@@ -10,6 +10,11 @@ from cnnkernels import _extension
 from cnnkernels.bench import shapes
 
 
+@pytest.fixture(autouse=True)
+def _default_stem_pass_size(monkeypatch):
+    monkeypatch.delenv("CNNKERNELS_CUDA_STEM_PASS_BYTES", raising=False)
+
+
 def cutlass_plan():
     module = _extension.module()
     if module is None or not hasattr(module, "cutlass_plan"):
