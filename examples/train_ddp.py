@@ -25,9 +25,14 @@ def main():
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise SystemExit(f"train_ddp.py: local rank {local_rank} needs GPU {local_rank}, but this node has "
+                         f"{torch.cuda.device_count()}: run one process per GPU "
+                         f"(torchrun --nproc_per_node={torch.cuda.device_count()})")
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     dtype = torch.bfloat16 if cuda else torch.float32

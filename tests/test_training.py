@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cnnkernels
+from conftest import cuda_or_skip
 
 
 class TinyResNet(nn.Module):
@@ -82,6 +83,18 @@ def test_example_trains_a_zoo_model_under_torchrun():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"images/s over {procs} processes, final loss" in done.stdout
+
+
+@pytest.mark.gpu
+def test_example_names_a_rank_without_a_gpu():
+    """More processes than GPUs: the example says so, instead of CUDA's 'invalid device ordinal'."""
+    cuda_or_skip()
+    example = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "train_ddp.py")
+    gpus = torch.cuda.device_count()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus + 1}",
+                           example, "--steps", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert f"local rank {gpus} needs GPU {gpus}, but this node has {gpus}" in done.stderr + done.stdout
 
 
 def test_deterministic_mode_gives_bitwise_equal_forward_and_backward():
