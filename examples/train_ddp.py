@@ -63,8 +63,8 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if rank == 0 and tqdm is not None:
-            steps.set_postfix(loss=f"{loss.item():.4f}")
+        if rank == 0 and tqdm is not None and (step % 10 == 0 or step == args.steps - 1):
+            steps.set_postfix(loss=f"{loss.item():.4f}")  # .item() waits for the GPU: not every step
     if cuda:
         torch.cuda.synchronize()
     if rank == 0 and start is not None:
