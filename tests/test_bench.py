@@ -103,7 +103,13 @@ def test_readme_section_names_card_and_file(quick_run, tmp_path):
     assert data["summary"]["device"] in text and json_path.name in text
     assert "| backend | geomean_vs_cudnn |" in text and "lenet5@1" in text
     assert f"{json_path.stem}-speedup.png" in text
+    assert report.MODEL_MEMORY_TITLE not in text  # a CPU run measures no GPU memory
     (out / "0-older.json").unlink()
+    measured = dict(data, records=[dict(r, forward_memory_mib=12.5) if r["section"] == "model" else r
+                                   for r in data["records"]])
+    (tmp_path / "gpu.json").write_text(json.dumps(measured))
+    text = readme.markdown(tmp_path / "gpu.json")
+    assert report.MODEL_MEMORY_TITLE + ":" in text and "| lenet5@1 float32 | " in text and "| 12 |" in text
 
 
 @pytest.fixture(scope="module")
@@ -385,3 +391,29 @@ def test_targets_say_met_or_missed_by_how_much():
     table = report.targets_markdown(report.targets(summary, records, "cuda"))
     assert "| layers: geomean_vs_cudnn | 1.15 | 1.2 met |" in table
     assert "| add_relu: lowest fraction of copy bandwidth | 0.9 | 0.8 **missed by 0.1** |" in table
+
+
+def _model_record(name, contender, memory_mib, dtype="bfloat16"):
+    return {"section": "model", "name": name, "model": name.split("@")[0], "op": "model", "count": 1,
+            "dtype": dtype, "batch": int(name.split("@")[1]), "contender": contender, "status": "ok",
+            "ms_p20": 9.0, "ms_p50": 10.0, "ms_p80": 11.0, "images_per_second": 100.0, "first_call_s": 0.1,
+            "rel_error": 1e-3, "flops": 1e9, "min_bytes": 1e6, "roofline_ms": 1.0, "roofline_fraction": 0.1,
+            "forward_memory_mib": memory_mib}
+
+
+def test_model_memory_shows_in_the_table_csv_and_readme(tmp_path):
+    """GPU runs measure each model's forward memory (runner.forward_memory_mib); CPU runs do not,
+    and then no memory table is printed."""
+    records = [_model_record("resnet50@256", "cudnn", 4096.0), _model_record("resnet50@256", "cuda", 3072.4),
+               _model_record("resnet50@256", "triton", None), _model_record("resnet50@1", "cuda", 35.0)]
+    headers, rows = report.model_memory_table(records)
+    assert headers == ["model@batch dtype", "cudnn", "cuda"]
+    assert rows == [["resnet50@256 bfloat16", "4,096", "3,072"], ["resnet50@1 bfloat16", "", "35"]]
+    assert report.MODEL_MEMORY_TITLE in report.tables(records, "cuda")
+    assert report.model_memory_table([dict(r, forward_memory_mib=None) for r in records]) is None
+    assert report.MODEL_MEMORY_TITLE not in report.tables([dict(r, forward_memory_mib=None) for r in records], "cuda")
+
+    env = dict.fromkeys(("torch", "triton", "cudnn", "commit"), "x")
+    report.write_csv(tmp_path / "r.csv", records, env)
+    memory_rows = [line for line in (tmp_path / "r.csv").read_text().splitlines() if ",forward_memory_mib," in line]
+    assert len(memory_rows) == 3 and any(",3072.4," in line for line in memory_rows)

@@ -122,6 +122,11 @@ def markdown(path):
         for name, v in s["models"].items():
             out.append(f"| {name} | " + " | ".join(report.images(v[c]) if c in v else "-" for c in contenders) + " |")
         out.append("")
+    memory = report.model_memory_table(records)
+    if memory:
+        headers, rows = memory
+        out += [report.MODEL_MEMORY_TITLE + ":", "", "| " + " | ".join(headers) + " |", "|---" * len(headers) + "|"]
+        out += ["| " + " | ".join(row) + " |" for row in rows] + [""]
 
     layer = [r for r in records if r["section"] == "layer" and r["dtype"] == s["dtype"] and r["batch"] == batch]
     if layer:

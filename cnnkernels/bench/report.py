@@ -187,6 +187,8 @@ def write_csv(path, records, env):
                 rows.append((metric, tuple(amount / x for x in t[::-1])))
             if r["section"] == "model":
                 rows.append(("images_per_second", tuple(r["batch"] * 1e3 / x for x in t[::-1])))
+                if r.get("forward_memory_mib") is not None:
+                    rows.append(("forward_memory_mib", (None, r["forward_memory_mib"], None)))
             for metric, (p20, p50, p80) in rows:
                 w.writerow({**base, "metric": metric, "p20": p20, "p50": p50, "p80": p80})
 
@@ -210,6 +212,23 @@ def _format(headers, rows):
     line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+MODEL_MEMORY_TITLE = "Models: GPU memory one forward takes at its peak beyond its inputs, MiB"
+
+
+def model_memory_table(records):
+    """(headers, rows) of each model's forward memory per contender (runner.forward_memory_mib), or
+    None where none was measured (CPU runs)."""
+    measured = [r for r in records if r["section"] == "model" and r.get("forward_memory_mib") is not None]
+    if not measured:
+        return None
+    contenders = list(dict.fromkeys(r["contender"] for r in measured))
+    by_model = {}
+    for r in measured:
+        by_model.setdefault(f"{r['name']} {r['dtype']}", {})[r["contender"]] = r["forward_memory_mib"]
+    rows = [[name] + [f"{v[c]:,.0f}" if c in v else "" for c in contenders] for name, v in by_model.items()]
+    return ["model@batch dtype"] + contenders, rows
 
 
 def tables(records, device):
@@ -242,6 +261,9 @@ def tables(records, device):
         title = f"{'Models' if model else 'add_relu' if kind == 'add_relu' else 'Conv layers'}: {dtype}, " \
                 f"batch {batch}, channels_last"
         out.append(title + "\n" + _format(headers, rows))
+    memory = model_memory_table(records)
+    if memory:
+        out.append(MODEL_MEMORY_TITLE + "\n" + _format(*memory))
     first = {}
     for r in records:
         if r["status"] == "ok":

@@ -83,6 +83,21 @@ class _Progress:
             self._bar.close()
 
 
+def forward_memory_mib(call):
+    """The GPU memory that one more eager call of a timed model takes at its peak, beyond what is
+    already allocated (its inputs, and the outputs kept by the timing): its output, activations and
+    workspaces, as the caching allocator hands them out. None where it cannot be measured."""
+    try:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        call(0)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    except RuntimeError:
+        return None
+
+
 def relative_error(out, ref):
     diff = (out.float() - ref).nan_to_num(float("inf"))
     return (diff.norm() / ref.norm().clamp_min(1e-30)).item()
@@ -198,6 +213,7 @@ class Runner:
 
             graph = device == "cuda" and group.batch == 1
             timing = self.timer.time(call, setup["n_sets"], graph=graph)
+            memory_mib = forward_memory_mib(call) if device == "cuda" and group.section == "model" else None
         except Unavailable as error:
             if group.section == "layer" or contender in ("triton", "cuda", "auto"):
                 self.unavailable[contender] = str(error)
@@ -219,13 +235,13 @@ class Runner:
         error = relative_error(first["out"], setup["ref"])
         bound = 3 * setup["peer_error"] + ERROR_FLOOR[group.dtype]
         ok = math.isfinite(error) and error <= bound
-        self._add(group, contender, timing=timing, rel_error=error,
+        self._add(group, contender, timing=timing, rel_error=error, memory_mib=memory_mib,
                   status="ok" if ok else "wrong",
                   message="; ".join(timing.notes + ([] if ok else [
                       f"relative error {error:.3g} against float32 exceeds {bound:.3g} (eager's own: "
                       f"{setup['peer_error']:.3g})"])))
 
-    def _add(self, group, contender, status, message="", timing=None, rel_error=None):
+    def _add(self, group, contender, status, message="", timing=None, rel_error=None, memory_mib=None):
         dtype = group.dtype
         elem = torch.empty((), dtype=dtype).element_size()
         r = {"section": group.section, "contender": contender, "dtype": dtype_name(dtype), "batch": group.batch,
@@ -251,6 +267,7 @@ class Runner:
                      roofline_fraction=roof_s / p50_s)
             if group.section == "model":
                 r["images_per_second"] = group.batch / p50_s
+                r["forward_memory_mib"] = memory_mib
         self.records.append(r)
 
     def _roofline_s(self, flops, nbytes, dtype):
