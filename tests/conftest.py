@@ -1,6 +1,9 @@
 """Shared test helpers: devices, the float64 reference check, poisoned outputs."""
 import contextlib
+import fcntl
+import gc
 import os
+import tempfile
 
 import pytest
 import torch
@@ -49,6 +52,24 @@ def _device_gate(request):
         cuda_or_skip()
     if params.get("device", "cpu") == "cpu" and params.get("backend") == "triton" and not interpreting_triton():
         pytest.skip("Triton runs on CPU tensors only through its interpreter (TRITON_INTERPRET=1, as in CI)")
+
+
+@pytest.fixture(autouse=True)
+def _one_big_gpu_test_at_a_time(request):
+    """Tests marked `big_gpu_memory` (outputs past 2^31 elements, 10-30 GiB each) take a lock
+    that pytest-xdist's workers share, so that two of them never hold the GPU's memory at once,
+    and give their memory back to the GPU when they end."""
+    if request.node.get_closest_marker("big_gpu_memory") is None or not HAVE_CUDA:
+        yield
+        return
+    with open(os.path.join(tempfile.gettempdir(), "cnnkernels-big-gpu-memory.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(autouse=True)

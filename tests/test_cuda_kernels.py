@@ -476,6 +476,7 @@ def need_gpu_memory(gib):
         pytest.skip(f"needs {gib} GiB of free GPU memory")
 
 
+@pytest.mark.big_gpu_memory
 @pytest.mark.parametrize("kernel, stem", [("generic", False), ("cutlass", False), ("cutlass", True)],
                          ids=["generic", "cutlass", "cutlass_stem"])
 def test_conv_output_past_2_to_the_31_elements(kernel, stem):
@@ -501,6 +502,7 @@ def test_conv_output_past_2_to_the_31_elements(kernel, stem):
     torch.cuda.empty_cache()
 
 
+@pytest.mark.big_gpu_memory
 def test_depthwise_output_past_2_to_the_31_elements():
     need_gpu_memory(24)
     x = torch.randn(4096, 64, 112, 112, device="cuda", dtype=torch.bfloat16).contiguous(
@@ -518,6 +520,7 @@ def test_depthwise_output_past_2_to_the_31_elements():
     torch.cuda.empty_cache()
 
 
+@pytest.mark.big_gpu_memory
 def test_add_relu_past_2_to_the_31_elements():
     need_gpu_memory(16)
     n = 2**31 + 4099

@@ -169,6 +169,7 @@ def test_real_sizes_on_gpu(shape, dtype, backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.big_gpu_memory
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_output_past_2_to_the_31_elements(backend):
     """A 4096x64x112x112 bf16 output (3.3e9 elements): 32-bit offsets would wrap."""

@@ -716,6 +716,7 @@ def test_gpu_fp32_follows_cudnn_tf32_flag(tf32):
 
 
 @pytest.mark.gpu
+@pytest.mark.big_gpu_memory
 def test_gpu_output_over_2_pow_31_elements():
     shape, k = (4096, 16, 112, 112), 64  # output 4096x64x112x112 = 3.3e9 elements
     needed = 2 * (4096 * (16 + 2 * 64) * 112 * 112)  # input, output and one reference chunk, bf16
