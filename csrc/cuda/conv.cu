@@ -377,9 +377,10 @@ void run_cutlass(const char* op, const ConvShape& s, const CutlassPlan& plan, co
   // they are channels_last-dense with channel counts that are multiples of 8.
   for (int64_t first = 0; first < s.N; first += plan.images_per_pass) {
     const int64_t n = std::min(plan.images_per_pass, s.N - first);
-    if (packed) pack_windows(s, input.narrow(0, first, n), x.narrow(0, 0, n), stream);
+    const at::Tensor pass_input = x.narrow(0, packed ? 0 : first, n);  // packed: the reused buffer
+    if (packed) pack_windows(s, input.narrow(0, first, n), pass_input, stream);
     p.N = static_cast<int>(n);
-    p.input = packed ? x.const_data_ptr() : x.narrow(0, first, n).const_data_ptr();
+    p.input = pass_input.const_data_ptr();
     p.residual = res.defined() ? res.narrow(0, first, n).const_data_ptr() : nullptr;
     p.output = y.narrow(0, first, n).mutable_data_ptr();
     const char* error = with_cutlass_kernel(input.scalar_type(), plan, [&](auto kernel) {
