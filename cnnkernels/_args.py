@@ -70,6 +70,22 @@ def _check_same_kind(op, name, tensor, input):
                            f"but got {tensor.dtype}")
 
 
+def check_weight_sizes(op, weight, groups):
+    """Refuses an empty weight in PyTorch's wording. F.conv2d refuses no output channels and an
+    empty kernel; with no input channels it returns an output of 0 channels, not out_channels,
+    so that is refused too rather than copied."""
+    k, c_per_group, r, s = weight.shape
+    if k < groups:
+        raise RuntimeError(f"{op}: given groups={groups}, expected weight to be at least {groups} at dimension 0, "
+                           f"but got weight of size {list(weight.shape)} instead")
+    if r <= 0 or s <= 0:
+        raise RuntimeError(f"{op}: kernel size should be greater than zero, but got kernel_height: {r} "
+                           f"kernel_width: {s}")
+    if c_per_group <= 0:
+        raise RuntimeError(f"{op}: expected weight to be at least 1 at dimension 1 (input channels per group), "
+                           f"but got weight of size {list(weight.shape)} instead")
+
+
 def conv_call(op, input, weight, bias, stride, padding, dilation, groups, residual=None, needs_residual=False):
     """Validates a conv2d_relu / conv2d_add_relu call and returns it normalized. (It runs on every
     call: the common, valid case takes the fewest steps.)"""
@@ -108,6 +124,7 @@ def conv_call(op, input, weight, bias, stride, padding, dilation, groups, residu
             residual = residual.unsqueeze(0)
     n, c, h, w = input.shape
     k, c_per_group, r, s = weight.shape
+    check_weight_sizes(op, weight, groups)
     if k % groups != 0:
         raise RuntimeError(f"{op}: given groups={groups}, expected weight to be divisible by {groups} at "
                            f"dimension 0, but got weight of size {list(weight.shape)} instead")

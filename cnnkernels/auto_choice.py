@@ -8,7 +8,6 @@ first. Classes it does not list use backends.AUTO_ORDER. Results whose GPU tests
 nothing: a backend must be both verified and faster.
 `python -m cnnkernels.bench.auto_choice RESULTS.json --write` writes it (bench/auto_choice.py).
 """
-import functools
 import json
 from pathlib import Path
 
@@ -31,22 +30,29 @@ def class_key(op_family, dtype_name, kind=None):
     return f"{op_family}:{dtype_name}" + (f":{kind}" if kind else "")
 
 
-@functools.lru_cache(maxsize=None)
 def dtype_name(dtype):
-    return str(dtype).replace("torch.", "")
+    return str(dtype).removeprefix("torch.")
 
 
-@functools.lru_cache(maxsize=None)
+# The table as read, or None before the first read. A plain global, not functools.lru_cache:
+# torch.compile traces backend choice and warns about every lru_cache-wrapped call it meets.
+_loaded = None
+
+
 def _table():
-    try:
-        return json.loads(TABLE_PATH.read_text()).get("devices", {})
-    except FileNotFoundError:
-        return {}
+    global _loaded
+    if _loaded is None:
+        try:
+            _loaded = json.loads(TABLE_PATH.read_text()).get("devices", {})
+        except FileNotFoundError:
+            _loaded = {}
+    return _loaded
 
 
 def reload():
     """Reads auto_choice.json again (after it was rewritten)."""
-    _table.cache_clear()
+    global _loaded
+    _loaded = None
     _call_plans.clear()
 
 

@@ -2,9 +2,19 @@
 backends.select() which implementation runs, and calls it. A repeated call of the same
 signature skips the first two: _call_plans.py remembers their outcome."""
 import torch
+from torch.overrides import handle_torch_function
 
 from . import _call_plans, auto_choice, backends
-from ._args import ConvCall, check_add_relu, conv_call
+from ._args import PLAIN_TENSORS, ConvCall, check_add_relu, conv_call
+
+
+def _traced(*args):
+    """The arguments that are not tensors but take part in __torch_function__: torch.fx's Proxy.
+    A call with some is handed to them, as torch.nn.functional does, so that torch.fx records it
+    as one node instead of failing on the argument checks. (Tensor subclasses and function modes
+    keep their way: the torch.ops call below reaches them.)"""
+    return [a for a in args if a is not None and not isinstance(a, torch.Tensor)
+            and hasattr(type(a), "__torch_function__")]
 
 
 def _run_conv(op, input, weight, bias, residual, stride, padding, dilation, groups):
@@ -40,6 +50,10 @@ def _cast(dtype, *tensors):
 
 def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """relu(torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups))."""
+    if type(input) not in PLAIN_TENSORS or type(weight) not in PLAIN_TENSORS:
+        traced = _traced(input, weight, bias)
+        if traced:
+            return handle_torch_function(conv2d_relu, traced, input, weight, bias, stride, padding, dilation, groups)
     dtype = _autocast_dtype(input)
     if dtype is not None:  # as autocast runs F.conv2d: every operand in its dtype
         input, weight, bias = _cast(dtype, input, weight, bias)
@@ -48,6 +62,11 @@ def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, group
 
 def conv2d_add_relu(input, weight, residual, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """relu(torch.nn.functional.conv2d(input, weight, bias, ...) + residual): a ResNet block's tail."""
+    if type(input) not in PLAIN_TENSORS or type(weight) not in PLAIN_TENSORS or type(residual) not in PLAIN_TENSORS:
+        traced = _traced(input, weight, residual, bias)
+        if traced:
+            return handle_torch_function(conv2d_add_relu, traced, input, weight, residual, bias, stride, padding,
+                                         dilation, groups)
     dtype = _autocast_dtype(input)
     if dtype is not None:
         input, weight, bias = _cast(dtype, input, weight, bias)
@@ -64,6 +83,10 @@ def conv2d_add_relu(input, weight, residual, bias=None, stride=1, padding=0, dil
 
 def add_relu(input, other):
     """relu(input + other), for tensors of the same shape, dtype and device."""
+    if type(input) not in PLAIN_TENSORS or type(other) not in PLAIN_TENSORS:
+        traced = _traced(input, other)
+        if traced:
+            return handle_torch_function(add_relu, traced, input, other)
     key = _call_plans.add_relu_key(backends.get_backend(), input, other)
     backend = _call_plans.get(key)
     if backend is None:

@@ -37,6 +37,14 @@ ConvShape check_conv2d_args(const char* op, const at::Tensor& input, const at::T
   s.pad_h = padding[0]; s.pad_w = padding[1];
   s.dil_h = dilation[0]; s.dil_w = dilation[1];
   s.groups = groups;
+  // An empty weight, refused as by F.conv2d; with no input channels F.conv2d returns an output of
+  // 0 channels, not out_channels, so that is refused too (as in _args.check_weight_sizes).
+  TORCH_CHECK(s.K >= groups, op, ": given groups=", groups, ", expected weight to be at least ", groups,
+              " at dimension 0, but got weight of size ", weight.sizes(), " instead");
+  TORCH_CHECK(s.R > 0 && s.S > 0, op, ": kernel size should be greater than zero, but got kernel_height: ", s.R,
+              " kernel_width: ", s.S);
+  TORCH_CHECK(weight.size(1) > 0, op, ": expected weight to be at least 1 at dimension 1 (input channels per ",
+              "group), but got weight of size ", weight.sizes(), " instead");
   TORCH_CHECK(s.K % groups == 0, op, ": given groups=", groups, ", expected weight to be divisible by ",
               groups, " at dimension 0, but got weight of size ", weight.sizes(), " instead");
   TORCH_CHECK(s.C == weight.size(1) * groups, op, ": given groups=", groups, ", weight of size ",

@@ -50,6 +50,12 @@ BAD_CONV_CALLS = {  # name: (kwargs edits, exception type, message fragment)
     "negative padding": (dict(padding=-1), RuntimeError, "negative padding"),
     "kernel larger than input": (dict(weight=torch.randn(6, 4, 11, 11)), RuntimeError,
                                  "Kernel size can't be greater than actual input size"),
+    # Empty weights: F.conv2d refuses the first two, and gives the third an output of 0 channels.
+    "no output channels": (dict(weight=torch.randn(0, 4, 3, 3), bias=None), RuntimeError,
+                           "expected weight to be at least 1 at dimension 0"),
+    "empty kernel": (dict(weight=torch.randn(6, 4, 0, 3)), RuntimeError, "kernel size should be greater than zero"),
+    "no input channels": (dict(input=torch.randn(2, 0, 8, 8), weight=torch.randn(6, 0, 3, 3)), RuntimeError,
+                          "expected weight to be at least 1 at dimension 1"),
     "input ndim": (dict(input=torch.randn(4, 8, 8, 1, 1)), RuntimeError, "expected 3D (unbatched) or 4D"),
     "weight ndim": (dict(weight=torch.randn(6, 4, 3)), RuntimeError, "expected 4D weight"),
     "dtype mismatch": (dict(weight=torch.randn(6, 4, 3, 3, dtype=torch.float64)), RuntimeError,
@@ -126,6 +132,12 @@ def test_cpp_ops_check_their_arguments_when_called_directly(entry):
         ops.conv2d_add_relu(x, w, torch.randn(2, 6, 3, 3), b, [1, 1], [1, 1], [1, 1], 1)
     with pytest.raises(RuntimeError, match="non-positive stride"):
         ops.conv2d_relu(x, w, b, [0, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="kernel size should be greater than zero"):
+        ops.conv2d_relu(x, torch.randn(6, 4, 3, 0), b, [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="expected weight to be at least 2 at dimension 0"):
+        ops.conv2d_relu(x, torch.randn(0, 2, 3, 3), None, [1, 1], [1, 1], [1, 1], 2)
+    with pytest.raises(RuntimeError, match="expected weight to be at least 1 at dimension 1"):
+        ops.conv2d_relu(torch.randn(2, 0, 8, 8), torch.randn(6, 0, 3, 3), b, [1, 1], [1, 1], [1, 1], 1)
     with pytest.raises(RuntimeError, match="to match input"):
         ops.add_relu(x, x[:1])
 
@@ -382,8 +394,8 @@ def test_gradcheck_in_float64(backend, device):
 
 # --- torch.compile ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["cuda", "torch"])  # Triton under the CPU interpreter cannot trace
-def test_torch_compile_fullgraph_forward_backward_and_dynamic_shapes(backend):
+@pytest.mark.parametrize("backend", ["auto", "cuda", "torch"])  # Triton under the CPU interpreter cannot trace
+def test_torch_compile_fullgraph_forward_backward_and_dynamic_shapes(backend, recwarn):
     import torch._dynamo.testing
 
     def block(x, w, b, r):
@@ -413,6 +425,41 @@ def test_torch_compile_fullgraph_forward_backward_and_dynamic_shapes(backend):
     with cnnkernels.use_backend(backend):
         compiled_module = torch.compile(module, fullgraph=True, backend="aot_eager")
         assert torch.allclose(compiled_module(x), module(x), atol=1e-6)
+    # Dynamo warns about what it meets in our Python code (e.g. lru_cache-wrapped calls, which
+    # backend choice under "auto" made once); a user compiling a model should see none of it.
+    dynamo_warnings = [str(w.message) for w in recwarn if "_dynamo" in w.filename]
+    assert not dynamo_warnings
+
+
+# --- torch.fx -------------------------------------------------------------------------------------
+
+def test_torch_fx_records_each_call_as_one_node():
+    """As for torch.nn.functional: symbolic_trace records the public functions (called directly or
+    by the modules) as call_function nodes, and the GraphModule computes what the model does."""
+    import torch.fx
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = cnnkernels.nn.Conv2dReLU(4, 4, 3, padding=1, padding_mode="reflect")
+            self.conv_add = cnnkernels.nn.Conv2dAddReLU(4, 4, 3, padding=1)
+            self.add = cnnkernels.nn.AddReLU()
+            self.w = nn.Parameter(torch.randn(4, 4, 1, 1))
+
+        def forward(self, x):
+            y = self.conv(x)
+            z = cnnkernels.conv2d_add_relu(self.conv_add(y, x), self.w, y)
+            return self.add(z, cnnkernels.conv2d_relu(y, self.w, None, stride=1))
+
+    model = Model()
+    traced = torch.fx.symbolic_trace(model)
+    targets = [node.target for node in traced.graph.nodes if node.op == "call_function"]
+    for function in (cnnkernels.conv2d_relu, cnnkernels.conv2d_add_relu, cnnkernels.add_relu):
+        assert function in targets
+    for batch in (2, 3):
+        x = torch.randn(batch, 4, 8, 8)
+        # Not bitwise: traced, Conv2dAddReLU takes its unfused path (it cannot check a Proxy's shape).
+        assert torch.allclose(traced(x), model(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

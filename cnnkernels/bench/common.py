@@ -1,6 +1,8 @@
 """Names shared by the benchmark's modules."""
 import torch
 
+from ..auto_choice import dtype_name  # noqa: F401  (records name dtypes as auto_choice.json's classes do)
+
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
@@ -26,10 +28,6 @@ class Unavailable(Exception):
 
 class Unsupported(Exception):
     """The contender runs here but not this case (cuDNN has no fused engine for it, ...)."""
-
-
-def dtype_name(dtype):
-    return str(dtype).removeprefix("torch.")
 
 
 def ours(device):

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .._args import PLAIN_TENSORS, output_memory_format, remember
+from .._args import PLAIN_TENSORS, check_weight_sizes, output_memory_format, remember
 from . import _autotune, _runtime
 from ._runtime import store_cast
 
@@ -421,6 +421,7 @@ def _check_args(input, weight, residual, bias, stride, padding, dilation, groups
     if any(d <= 0 for d in dilation):
         raise RuntimeError("dilation should be greater than zero")
     k_out, cg, r, s = weight.shape
+    check_weight_sizes("conv2d (Triton)", weight, groups)
     if input.size(1) != cg * groups:
         raise RuntimeError(
             f"Given groups={groups}, weight of size {list(weight.shape)}, expected input{list(input.shape)} "
