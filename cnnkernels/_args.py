@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import torch
 import torch._prims_common
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 
@@ -187,15 +188,31 @@ def check_add_relu(input, other):
                            f"other of size {list(other.shape)}")
 
 
+def unsupported_differentiation(*tensors):
+    """What our kernels (the cuda and triton backends) cannot differentiate in this call: they have
+    backward formulas only. torch.func's transforms (grad, vmap, jvp, ...) refuse the C++ autograd
+    function and the Triton ops' rules, and forward-mode AD would drop a dual tensor's tangent."""
+    if torch.compiler.is_compiling():
+        return []
+    if torch._C._are_functorch_transforms_active():
+        return ["torch.func transforms (grad, vmap, jvp, ...): the op has no functorch rules"]
+    if forward_ad._current_level >= 0 and any(
+            t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return ["forward-mode AD (a dual tensor's tangent): the op has no jvp formula"]
+    return []
+
+
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # not fake, functional or other subclasses
 
 
 def plain_eager(*args):
     """Whether a call with these arguments (tensors and others) is plain eager work, which needs
     neither torch.compile's tracing nor __torch_function__ (tensor subclasses, torch function
-    modes): what lets backends.ExtensionBackend skip torch.ops' Python layer, and what
-    triton_ops._runtime.call_op, which skips the dispatcher as well, asks first."""
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+    modes), nor differentiation that our kernels lack (unsupported_differentiation): what lets
+    backends.ExtensionBackend skip torch.ops' Python layer, and what triton_ops._runtime.call_op,
+    which skips the dispatcher as well, asks first."""
+    if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0):
         return False
     for a in args:  # a loop, not all(...): this runs on every call of the cuda backend
         if a is not None and type(a) not in PLAIN_TENSORS and isinstance(a, torch.Tensor):

@@ -16,7 +16,7 @@ import os
 import torch
 
 from . import _extension, auto_choice, reference
-from ._args import plain_eager
+from ._args import plain_eager, unsupported_differentiation
 
 NAMES = ("auto", "triton", "cuda", "torch")
 
@@ -67,7 +67,7 @@ class ExtensionBackend:
         return None
 
     def conv_unsupported(self, call):
-        return []
+        return unsupported_differentiation(call.input, call.weight, call.bias, call.residual)
 
     @staticmethod
     def _ops(*tensors):
@@ -82,7 +82,7 @@ class ExtensionBackend:
         return ops.conv2d_add_relu(call.input, call.weight, call.residual, call.bias, *call.op_args)
 
     def add_relu_unsupported(self, input, other):
-        return []
+        return unsupported_differentiation(input, other)
 
     def add_relu(self, input, other):
         return self._ops(input, other).add_relu(input, other)
@@ -108,8 +108,8 @@ class TritonBackend:
         return None
 
     def conv_unsupported(self, call):
-        return self._ops().unsupported_reasons(call.input, call.weight, call.bias, call.residual,
-                                               *call.op_args)
+        return unsupported_differentiation(call.input, call.weight, call.bias, call.residual) + \
+            self._ops().unsupported_reasons(call.input, call.weight, call.bias, call.residual, *call.op_args)
 
     def conv(self, call):
         ops = self._ops()
@@ -118,7 +118,7 @@ class TritonBackend:
         return ops.conv2d_add_relu_triton(call.input, call.weight, call.residual, call.bias, *call.op_args)
 
     def add_relu_unsupported(self, input, other):
-        return self._ops().add_relu_unsupported_reasons(input, other)
+        return unsupported_differentiation(input, other) + self._ops().add_relu_unsupported_reasons(input, other)
 
     def add_relu(self, input, other):
         return self._ops().add_relu_triton(input, other)

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from . import backends
+from ._args import unsupported_differentiation
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -24,7 +25,7 @@ def fused_unsupported(x, bn, residual):
         reasons.append(f"input must be a non-empty 4-D float tensor, got {x.dtype} of size {list(x.shape)}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         reasons.append("residual must match the input's shape and dtype")
-    return reasons
+    return reasons + unsupported_differentiation(x, bn.weight, bn.bias, residual)
 
 
 def runs_fused(x, bn, residual):

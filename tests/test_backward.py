@@ -177,3 +177,43 @@ def test_conv_backward_without_bias_masks_with_aten(backend, device):
         out.sum().backward()
     names = [name for name, _ in log.calls]
     assert "aten.threshold_backward" in names and not any("relu_backward_bias_grad" in n for n in names), names
+
+
+# --- differentiation our kernels lack: torch.func transforms and forward-mode AD ---------------------
+
+def _forward_ad_tangent(fn, primal, tangent):
+    import torch.autograd.forward_ad as forward_ad
+    with forward_ad.dual_level():
+        return forward_ad.unpack_dual(fn(forward_ad.make_dual(primal, tangent))).tangent
+
+
+DIFFERENTIATIONS = {  # name: (how, with the op as f(w) and its reference ref(w) -> a value to compare)
+    "torch.func.grad": lambda f, w: torch.func.grad(lambda v: f(v).square().sum())(w),
+    "torch.func.jvp": lambda f, w: torch.func.jvp(f, (w,), (torch.ones_like(w),))[1],
+    "torch.func.vmap": lambda f, w: torch.func.vmap(f)(torch.stack([w, 2 * w])),
+    "forward-mode AD": lambda f, w: _forward_ad_tangent(f, w, torch.ones_like(w)),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("how", DIFFERENTIATIONS)
+@pytest.mark.parametrize("backend", ["auto", "cuda", "triton", "torch"])
+def test_differentiation_without_our_rules_falls_back_under_auto_and_raises_on_our_backends(backend, how, device):
+    """Before, forward-mode AD through the Triton ops dropped the tangent (None, or zeros under
+    torch.func.jvp) and the C++ ops raised torch's own errors. Now "auto" runs such calls on the
+    reference, whose results match F.conv2d's, and the cuda and triton backends refuse them."""
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, device=device)
+    w = torch.randn(3, 4, 3, 3, dtype=torch.float64, device=device)
+    b = torch.randn(3, dtype=torch.float64, device=device)
+    cases = [(lambda v: cnnkernels.conv2d_relu(x, v, b), lambda v: torch.relu(torch.nn.functional.conv2d(x, v, b))),
+             (lambda v: cnnkernels.add_relu(v, v.flip(0)), lambda v: torch.relu(v + v.flip(0)))]
+    differentiate = DIFFERENTIATIONS[how]
+    with cnnkernels.use_backend(backend):
+        for f, ref in cases:
+            f(w)  # a plain call first leaves a call plan: the differentiated call must not take it
+            if backend in ("cuda", "triton"):
+                with pytest.raises(NotImplementedError, match="torch.func transforms|forward-mode AD"):
+                    differentiate(f, w)
+            else:
+                got, expected = differentiate(f, w), differentiate(ref, w)
+                assert got is not None and torch.allclose(got, expected)

@@ -131,6 +131,20 @@ def test_unsupported_calls_run_as_pytorch_does():
             batch_norm.batch_norm_relu_train(torch.randn(1, 3, 1, 1), bn)
 
 
+def test_forward_mode_ad_runs_as_pytorch_does():
+    """The fused kernels have no jvp formula: a dual input takes PyTorch's path, tangent included."""
+    import torch.autograd.forward_ad as forward_ad
+    x, tangent = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    tangents, first = [], make_bn(3, torch.float64, "cpu")
+    for backend in ("torch", "triton"):
+        bn = copy.deepcopy(first)
+        with cnnkernels.use_backend(backend), forward_ad.dual_level():
+            dual = forward_ad.make_dual(x, tangent)
+            assert not batch_norm.runs_fused(dual, bn, None)
+            tangents.append(forward_ad.unpack_dual(batch_norm.batch_norm_relu_train(dual, bn)).tangent)
+    assert tangents[1] is not None and torch.allclose(tangents[1], tangents[0])
+
+
 def test_eager_calls_skip_the_dispatcher_unless_something_intercepts(monkeypatch):
     """Plain eager calls run the ops' bodies directly (the dispatcher's cost is host time in a
     training step) and still bump the running statistics' versions as the op would; under a
