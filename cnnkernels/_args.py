@@ -196,10 +196,16 @@ def unsupported_differentiation(*tensors):
         return []
     if torch._C._are_functorch_transforms_active():
         return ["torch.func transforms (grad, vmap, jvp, ...): the op has no functorch rules"]
-    if forward_ad._current_level >= 0 and any(
-            t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
-        return ["forward-mode AD (a dual tensor's tangent): the op has no jvp formula"]
-    return []
+    return [FORWARD_AD_UNSUPPORTED] if has_tangent(*tensors) else []
+
+
+FORWARD_AD_UNSUPPORTED = "forward-mode AD (a dual tensor's tangent): the op has no jvp formula"
+
+
+def has_tangent(*tensors):
+    """Whether a forward-mode AD level is open and one of the tensors carries a tangent there."""
+    return forward_ad._current_level >= 0 and any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # not fake, functional or other subclasses

@@ -456,6 +456,14 @@ def test_op_checks_raise_in_pytorch_wording():
         triton_ops.conv2d_add_relu_triton(x, w, x, None, [1, 1], [0, 0], [1, 1], 1)
     with pytest.raises(RuntimeError, match="same shape"):
         triton_ops.add_relu_triton(x, x[:, :2])
+    import torch.autograd.forward_ad as forward_ad
+    with forward_ad.dual_level():  # torch.library's autograd has no jvp: the ops would drop the tangent
+        dual = forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            torch.ops.cnnkernels.add_relu_triton(dual, x)
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            torch.ops.cnnkernels.conv2d_relu_triton(dual, torch.randn(8, 4, 3, 3, device=DEVICE), None,
+                                                    [1, 1], [0, 0], [1, 1], 1)
     with pytest.raises(RuntimeError, match="kernel size should be greater than zero"):
         triton_ops.conv2d_relu_triton(x, torch.randn(8, 4, 0, 3, device=DEVICE), None, [1, 1], [0, 0], [1, 1], 1)
     with pytest.raises(RuntimeError, match="expected weight to be at least 1 at dimension 0"):

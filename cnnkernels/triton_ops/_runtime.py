@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._args import plain_eager
+from .._args import FORWARD_AD_UNSUPPORTED, has_tangent, plain_eager
 from .._registration import autograd_function
 
 try:
@@ -55,6 +55,14 @@ def should_launch(kernel, *tensors) -> bool:
             "TRITON_INTERPRET=1 (the interpreter cannot run on traced tensors); use eager mode"
         )
     return False
+
+
+def refuse_forward_ad(op_name, *tensors):
+    """torch.library's autograd for our ops has no jvp and hands dual tensors on as they are, so
+    the op would drop their tangents: raise instead (the public functions run such calls on the
+    reference, see _args.unsupported_differentiation)."""
+    if has_tangent(*tensors):
+        raise NotImplementedError(f"{op_name}: {FORWARD_AD_UNSUPPORTED}")
 
 
 def call_op(op, *args, mutated=(), autograd=None):

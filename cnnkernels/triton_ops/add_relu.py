@@ -39,6 +39,7 @@ def add_relu_unsupported_reasons(input, other):
 @torch.library.triton_op("cnnkernels::add_relu_triton", mutates_args=())
 def add_relu_triton(input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """relu(input + other); the output takes input's memory format. `other` may alias `input`."""
+    _runtime.refuse_forward_ad("add_relu (Triton)", input, other)
     if input.shape != other.shape:
         raise RuntimeError(
             f"add_relu (Triton): input and other must have the same shape, got {list(input.shape)} and {list(other.shape)}"

@@ -717,6 +717,7 @@ def _plan_key(input, weight, residual, bias, stride, padding, dilation, groups):
 
 
 def _conv2d_fused(input, weight, residual, bias, stride, padding, dilation, groups):
+    _runtime.refuse_forward_ad("conv2d (Triton)", input, weight, residual, bias)
     key = _plan_key(input, weight, residual, bias, stride, padding, dilation, groups)
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
