@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cnnkernels
-from conftest import cuda_or_skip
 
 
 class TinyResNet(nn.Module):
@@ -88,7 +87,6 @@ def test_example_trains_a_zoo_model_under_torchrun():
 @pytest.mark.gpu
 def test_example_names_a_rank_without_a_gpu():
     """More processes than GPUs: the example says so, instead of CUDA's 'invalid device ordinal'."""
-    cuda_or_skip()
     example = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "train_ddp.py")
     gpus = torch.cuda.device_count()
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus + 1}",

@@ -73,10 +73,14 @@ def train_markdown(path):
     if device == "cpu":
         out += ["A CPU run: peak memory is not measured, and issue 7's target (ours at least 1.05x eager, peak "
                 "memory no higher) is for one H100 in bf16.", ""]
-    headers, rows = report.train_rows(data["train"], data["records"])
-    out += ["| " + " | ".join(headers) + " |", "|---" * len(headers) + "|"]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    out += _markdown_table(*report.train_rows(data["train"], data["records"]))
     return "\n".join(out).rstrip() + "\n"
+
+
+def _markdown_table(headers, rows):
+    """The lines of a markdown table."""
+    return (["| " + " | ".join(headers) + " |", "|---" * len(headers) + "|"]
+            + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 def _ms(r):
@@ -124,9 +128,7 @@ def markdown(path):
         out.append("")
     memory = report.model_memory_table(records)
     if memory:
-        headers, rows = memory
-        out += [report.MODEL_MEMORY_TITLE + ":", "", "| " + " | ".join(headers) + " |", "|---" * len(headers) + "|"]
-        out += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+        out += [report.MODEL_MEMORY_TITLE + ":", ""] + _markdown_table(*memory) + [""]
 
     layer = [r for r in records if r["section"] == "layer" and r["dtype"] == s["dtype"] and r["batch"] == batch]
     if layer:

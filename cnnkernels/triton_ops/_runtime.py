@@ -80,9 +80,8 @@ def call_op(op, *args, mutated=(), autograd=None):
     backward pair (345-351 against 260-263 us), 35 us per no-grad conv2d_relu (90-94 against
     57 us) and over 100 us per conv2d_relu forward and backward (489-541 against 374-385 us)."""
     body = getattr(op, "_init_fn", None)
-    if (body is None or not plain_eager(*args)
-            or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()
-            or torch.autograd.profiler._is_profiler_enabled):
+    if (body is None or not plain_eager(*args)  # plain_eager: also no functorch transform, no forward AD
+            or torch._C._len_torch_dispatch_stack() or torch.autograd.profiler._is_profiler_enabled):
         return op(*args)
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         if autograd is None:
