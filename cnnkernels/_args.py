@@ -250,11 +250,50 @@ def shape_cached(cache: dict, t, make):
     return value
 
 
+def empty_add_relu_output(input, other):
+    """An empty tensor laid out as torch lays out relu(input + other); the C++ ops follow the same
+    rule (csrc/conv_args.cpp, which says why it takes these steps)."""
+    format = _common_format(input, other)
+    if format is None:
+        sum = _on_meta(input) + _on_meta(other)
+        format = _common_format(sum)
+        if format is None:
+            return torch.empty_strided(input.shape, sum.stride(), dtype=input.dtype, device=input.device)
+    return torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=format)
+
+
+def _common_format(*tensors):
+    """Contiguous or channels_last, whichever all of `tensors` are (contiguous first), if any."""
+    for format in (torch.contiguous_format, torch.channels_last):
+        if all(t.is_contiguous(memory_format=format) for t in tensors):
+            return format
+    return None
+
+
+def _on_meta(t):
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+def laid_out_as(operand, output):
+    """`operand` laid out like the dense `output`: itself where its elements already sit where the
+    output's do, otherwise one copy."""
+    if all(n == 1 or a == b for n, a, b in zip(output.shape, operand.stride(), output.stride())):
+        return operand
+    return torch.empty_like(output).copy_(operand)
+
+
 _FORMATS = {}  # suggest_memory_format costs ~10 us a call
 
 
-def output_memory_format(input):
-    """The memory format of an op's output: the input's, as F.conv2d keeps it."""
+def memory_format_of(t):
+    """t's memory format, as torch suggests it (suggest_memory_format)."""
     if torch.compiler.is_compiling():  # dynamo would specialize on the sizes in the cache's key
-        return torch._prims_common.suggest_memory_format(input)
-    return shape_cached(_FORMATS, input, torch._prims_common.suggest_memory_format)
+        return torch._prims_common.suggest_memory_format(t)
+    return shape_cached(_FORMATS, t, torch._prims_common.suggest_memory_format)
+
+
+def conv_output_memory_format(input, weight):
+    """The memory format of a conv's output, as F.conv2d gives it: channels_last when the input or
+    the weight is, contiguous otherwise. The C++ ops follow the same rule (csrc/conv_args.h)."""
+    cl = torch.channels_last
+    return cl if cl in (memory_format_of(input), memory_format_of(weight)) else torch.contiguous_format

@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ._args import output_memory_format
+from ._args import conv_output_memory_format, empty_add_relu_output, memory_format_of
 
 
 def conv_output_shape(input, weight, stride, padding, dilation):
@@ -28,7 +28,7 @@ def conv_output_shape(input, weight, stride, padding, dilation):
 def empty_conv_output(input, weight, stride, padding, dilation):
     """An uninitialized output with the shape, dtype and strides the real kernels produce."""
     return torch.empty(conv_output_shape(input, weight, stride, padding, dilation), dtype=input.dtype,
-                       device=input.device, memory_format=output_memory_format(input))
+                       device=input.device, memory_format=conv_output_memory_format(input, weight))
 
 
 def _fake_conv2d_relu(input, weight, bias, stride, padding, dilation, groups):
@@ -40,11 +40,11 @@ def _fake_conv2d_add_relu(input, weight, residual, bias, stride, padding, dilati
 
 
 def _fake_add_relu(input, other):
-    return torch.empty_like(input, memory_format=output_memory_format(input))
+    return empty_add_relu_output(input, other)
 
 
 def _fake_relu_backward_bias_grad(grad, output):
-    grad_pre_relu = torch.empty_like(output, memory_format=output_memory_format(output))
+    grad_pre_relu = torch.empty_like(output, memory_format=memory_format_of(output))
     return grad_pre_relu, output.new_empty(output.shape[1])
 
 

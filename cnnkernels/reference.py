@@ -2,16 +2,17 @@
 import torch
 import torch.nn.functional as F
 
-from ._args import output_memory_format
+from ._args import conv_output_memory_format
 
 
 def conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, groups):
-    """relu(conv2d(input, weight, bias) [+ residual]) with the output in the input's memory format."""
+    """relu(conv2d(input, weight, bias) [+ residual]) in the memory format conv_output_memory_format names
+    (F.conv2d's own output may differ on CUDA: NCHW for float64, and for its non-cuDNN kernels)."""
     out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     if residual is not None:
         out = out + residual
-    return torch.relu(out).contiguous(memory_format=output_memory_format(input))
+    return torch.relu(out).contiguous(memory_format=conv_output_memory_format(input, weight))
 
 
 def add_relu(input, other):
-    return torch.relu(input + other).contiguous(memory_format=output_memory_format(input))
+    return torch.relu(input + other)

@@ -1,5 +1,8 @@
 #include "conv_args.h"
 
+#include <algorithm>
+#include <optional>
+
 namespace cnnkernels {
 
 static void check_same_kind(const char* op, const char* name, const at::Tensor& t,
@@ -78,6 +81,42 @@ void check_add_relu_args(const at::Tensor& input, const at::Tensor& other) {
   check_same_kind("add_relu", "other", other, input);
   TORCH_CHECK(other.sizes() == input.sizes(), "add_relu: expected other of size ", input.sizes(),
               " to match input, but got other of size ", other.sizes());
+}
+
+// Contiguous or channels_last, whichever all of `tensors` are (contiguous first), if any.
+static std::optional<at::MemoryFormat> common_format(std::initializer_list<at::Tensor> tensors) {
+  for (const auto format : {at::MemoryFormat::Contiguous, at::MemoryFormat::ChannelsLast}) {
+    if (std::all_of(tensors.begin(), tensors.end(), [&](const at::Tensor& t) { return t.is_contiguous(format); })) {
+      return format;
+    }
+  }
+  return std::nullopt;
+}
+
+at::Tensor empty_add_relu_output(const at::Tensor& input, const at::Tensor& other) {
+  // TensorIterator lays out the sum in the format both operands share (its fast setup), and
+  // by its general rule otherwise, asked here of add's meta kernel (no memory, no kernel).
+  auto format = common_format({input, other});
+  if (!format) {
+    const auto on_meta = [](const at::Tensor& t) {
+      return at::empty_strided(t.sizes(), t.strides(), t.options().device(at::kMeta));
+    };
+    const at::Tensor sum = at::add(on_meta(input), on_meta(other));
+    // torch.relu then lays a contiguous or channels_last sum out afresh (the fast setup again,
+    // which the meta kernels skip: the strides of size-1 dimensions differ) and keeps any other.
+    format = common_format({sum});
+    if (!format) return at::empty_strided(input.sizes(), sum.strides(), input.options());
+  }
+  return at::empty(input.sizes(), input.options().memory_format(*format));
+}
+
+at::Tensor laid_out_as(const at::Tensor& operand, const at::Tensor& output) {
+  for (int64_t d = 0; d < output.dim(); ++d) {
+    if (output.size(d) != 1 && operand.stride(d) != output.stride(d)) {
+      return at::empty_like(output).copy_(operand);
+    }
+  }
+  return operand;  // the output is dense, so an operand with its strides is too
 }
 
 void check_relu_backward_args(const at::Tensor& grad, const at::Tensor& output) {

@@ -22,12 +22,22 @@ ConvShape check_conv2d_args(const char* op, const at::Tensor& input, const at::T
 
 void check_add_relu_args(const at::Tensor& input, const at::Tensor& other);
 
+// An empty tensor laid out as torch lays out relu(input + other) (cnnkernels/_args.py has the
+// same rule for the Triton op), and an operand as a tensor laid out like it: the operand itself
+// where its elements already sit where the output's do, otherwise one copy. With both operands
+// so, one pass in storage order computes the output.
+at::Tensor empty_add_relu_output(const at::Tensor& input, const at::Tensor& other);
+at::Tensor laid_out_as(const at::Tensor& operand, const at::Tensor& output);
+
 // grad and output of relu_backward_bias_grad: 4-D (N, C, H, W), same size, dtype and device.
 void check_relu_backward_args(const at::Tensor& grad, const at::Tensor& output);
 
-// The memory format the output takes: the input's, as torch.nn.functional.conv2d does.
-inline at::MemoryFormat output_memory_format(const at::Tensor& input) {
-  return input.suggest_memory_format();
+// The memory format of a conv's output (and of its input gradient), as torch.nn.functional.conv2d
+// gives it: channels_last when the input or the weight is, contiguous otherwise.
+inline at::MemoryFormat conv_output_memory_format(const at::Tensor& input, const at::Tensor& weight) {
+  const auto CL = at::MemoryFormat::ChannelsLast;
+  return input.suggest_memory_format() == CL || weight.suggest_memory_format() == CL ? CL
+                                                                                      : at::MemoryFormat::Contiguous;
 }
 
 }  // namespace cnnkernels

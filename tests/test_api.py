@@ -360,7 +360,8 @@ def _op_samples(device, dtype=torch.float32, requires_grad=False):
         ("conv2d_relu", (x_cl.requires_grad_(requires_grad), t(6, 2, 3, 3), None, [2, 1], [0, 1], [1, 2], 2)),
         ("conv2d_add_relu", (t(2, 4, 7, 7), t(6, 4, 3, 3), t(2, 6, 7, 7), t(6), [1, 1], [1, 1], [1, 1], 1)),
         ("add_relu", (t(3, 4, 5, 6), t(3, 4, 5, 6))),
-        ("add_relu", (t(5, 3).t(), t(5, 3).t())),  # same non-standard strides: output is contiguous
+        ("add_relu", (t(5, 3).t(), t(5, 3).t())),  # the same transposed strides, which the output keeps
+        ("add_relu", (t(2, 5, 3, 4).transpose(1, 3), t(2, 4, 3, 5))),  # torch's rule for mixed layouts
     ]
 
 

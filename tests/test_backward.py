@@ -4,7 +4,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cnnkernels
-from cnnkernels._args import output_memory_format
+from cnnkernels._args import memory_format_of
 from conftest import DEVICES, assert_matches_reference, interpreting_triton, poisoned_outputs
 
 # (2, 3, 40, 40): several programs per image, the last one partly filled.
@@ -44,7 +44,7 @@ def test_relu_backward_bias_grad_matches_reference(shape, dtype, memory_format, 
     expected = torch.ops.aten.threshold_backward(grad, output, 0)
     assert torch.equal(grad_pre_relu.isnan(), expected.isnan())
     assert torch.equal(grad_pre_relu.nan_to_num(), expected.nan_to_num())
-    fmt = output_memory_format(output)  # the input's format; contiguous for empty tensors
+    fmt = memory_format_of(output)  # the output's format; contiguous for empty tensors
     assert grad_pre_relu.dtype == dtype and grad_pre_relu.is_contiguous(memory_format=fmt)
     assert grad_bias.shape == (shape[1],) and grad_bias.dtype == dtype
     assert_matches_reference(grad_bias, expected.double().sum((0, 2, 3)), expected.sum((0, 2, 3)))

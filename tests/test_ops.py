@@ -1,4 +1,5 @@
 """Every op on every backend against a float64 PyTorch reference, over the geometry grid."""
+import itertools
 import random
 
 import pytest
@@ -73,8 +74,7 @@ def check_conv(backend, op, x, weight, bias, geometry, residual=None):
             out = cnnkernels.conv2d_add_relu(x, weight, residual, bias, **geometry)
     assert_matches_reference(out, reference(x, weight, bias, geometry, residual),
                              reference(x, weight, bias, geometry, residual, dtype=x.dtype))
-    assert memory_format_of(out) == memory_format_of(x.contiguous(memory_format=memory_format_of(x))) \
-        or out.is_contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
+    assert out.is_contiguous(memory_format=conv_output_memory_format(x, weight))
     for before, after in zip(inputs, (x, weight, bias, residual)):
         assert torch.equal(before.nan_to_num(0.5), after.nan_to_num(0.5)), "an input was modified"
     return out
@@ -104,6 +104,46 @@ def test_conv2d_add_relu(case, dtype, backend, device):
     check_conv(backend, "conv2d_add_relu", x, weight, bias, geometry, residual)
 
 
+def conv_output_memory_format(x, weight):
+    """channels_last when the input or the weight is (torch's suggest_memory_format), as F.conv2d
+    lays out its output."""
+    suggest = torch._prims_common.suggest_memory_format
+    cl = torch.channels_last
+    return cl if cl in (suggest(x), suggest(weight)) else torch.contiguous_format
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["conv2d_relu", "conv2d_add_relu"])
+def test_conv_output_is_channels_last_when_input_or_weight_is(op, backend, device):
+    """As F.conv2d: a model moved to channels_last (its weights) makes NCHW input's outputs
+    channels_last too. On the CPU the strides equal F.conv2d's, in its input gradient too."""
+    seeded()
+    cl, nchw = torch.channels_last, torch.contiguous_format
+    for case in ("3x3", "1x1"):  # a 1x1 weight in channels_last is also contiguous: it does not count
+        x, weight, bias, geometry = make_conv(case, torch.float32, device, "nchw")
+        residual = torch.randn(reference(x, weight, bias, geometry).shape, device=device)
+        for x_format, w_format in itertools.product([nchw, cl], repeat=2):
+            xx = x.contiguous(memory_format=x_format).requires_grad_()
+            ww = weight.contiguous(memory_format=w_format)
+            extra = (residual,) if op == "conv2d_add_relu" else ()
+            with cnnkernels.use_backend(backend):
+                out = getattr(cnnkernels, op)(xx, ww, *extra, bias, **geometry)
+            expected = torch.relu(F.conv2d(xx, ww, bias, **geometry) + (residual if extra else 0))
+            assert out.is_contiguous(memory_format=conv_output_memory_format(xx, ww))
+            weight_counts = w_format == cl and case != "1x1"
+            assert memory_format_of(out) == (cl if x_format == cl or weight_counts else nchw)
+            if device == "cpu":
+                assert out.stride() == expected.stride()
+                grad = torch.randn_like(out)
+                with cnnkernels.use_backend(backend):
+                    (ours,) = torch.autograd.grad(out, xx, grad)
+                (theirs,) = torch.autograd.grad(expected, xx, grad)
+                assert ours.stride() == theirs.stride()
+            assert_matches_reference(out, reference(xx, ww, bias, geometry, residual if extra else None),
+                                     expected)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -118,8 +158,42 @@ def test_add_relu(layouts, dtype, backend, device):
     with cnnkernels.use_backend(backend), poisoned_outputs():
         out = cnnkernels.add_relu(a, b)
     assert_matches_reference(out, torch.relu(a.double() + b.double()), torch.relu(a + b))
-    assert out.is_contiguous(memory_format=torch._prims_common.suggest_memory_format(a))
+    assert out.stride() == torch.relu(a + b).stride()
     assert torch.equal(a, a_before) and torch.equal(b, b_before)
+
+
+def permuted(shape, order, device):
+    """A dense random tensor of `shape` whose dimensions lie in memory in `order`, outermost first."""
+    t = torch.randn([shape[d] for d in order], device=device)
+    return t.permute([order.index(d) for d in range(len(shape))])
+
+
+def layout_pairs():
+    """(shape, input's order, other's order): every order of a 4-D input against three of other's
+    (its own, contiguous, a fixed odd one), with a size-1 dimension, 3-D and 5-D among them."""
+    pairs = []
+    for shape in [(2, 3, 4, 5), (2, 1, 4, 3), (3, 4, 5), (2, 3, 2, 4, 5)]:
+        orders = list(itertools.permutations(range(len(shape))))
+        odd = orders[len(orders) // 2 + 1]
+        for order in orders[::1 if len(shape) == 4 else 5]:
+            pairs += [(shape, order, other) for other in {order, orders[0], odd}]
+    return pairs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_relu_lays_out_its_output_as_torch(backend, device):
+    seeded()
+    checked = 0
+    for shape, input_order, other_order in layout_pairs():
+        a, b = permuted(shape, input_order, device), permuted(shape, other_order, device)
+        expected = torch.relu(a + b)
+        with cnnkernels.use_backend(backend), poisoned_outputs():
+            out = cnnkernels.add_relu(a, b)
+        assert out.stride() == expected.stride(), (shape, input_order, other_order)
+        assert torch.equal(out, expected)
+        checked += expected.stride() != a.contiguous().stride()
+    assert checked > 100  # most pairs are laid out other than contiguous
 
 
 @pytest.mark.parametrize("device", DEVICES)

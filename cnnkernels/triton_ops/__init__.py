@@ -44,7 +44,7 @@ def conv2d_add_relu_triton(
 
 
 def add_relu_triton(input, other):
-    """relu(input + other); same shape and dtype, output in input's memory format."""
+    """relu(input + other); same shape and dtype, output laid out as torch.relu(input + other)."""
     return _runtime.call_op(_add_relu.add_relu_triton, input, other, autograd=_AUTOGRAD["add_relu"])
 
 

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._args import output_memory_format
+from .._args import empty_add_relu_output, laid_out_as
 from . import _runtime
 from ._runtime import store_cast
 
@@ -38,7 +38,7 @@ def add_relu_unsupported_reasons(input, other):
 
 @torch.library.triton_op("cnnkernels::add_relu_triton", mutates_args=())
 def add_relu_triton(input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """relu(input + other); the output takes input's memory format. `other` may alias `input`."""
+    """relu(input + other), laid out as torch lays it out. `other` may alias `input`."""
     _runtime.refuse_forward_ad("add_relu (Triton)", input, other)
     if input.shape != other.shape:
         raise RuntimeError(
@@ -54,11 +54,9 @@ def add_relu_triton(input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     if input.dtype not in _runtime.SUPPORTED_DTYPES:
         raise RuntimeError(f"add_relu (Triton) does not support dtype {input.dtype}")
 
-    # Both operands laid out alike in the output's format lets one flat pass follow storage order.
-    fmt = output_memory_format(input)
-    a = input if input.is_contiguous(memory_format=fmt) else input.contiguous(memory_format=fmt)
-    b = other if other.is_contiguous(memory_format=fmt) else other.contiguous(memory_format=fmt)
-    out = torch.empty_like(a, memory_format=fmt)
+    # Both operands laid out as the output lets one flat pass follow storage order.
+    out = empty_add_relu_output(input, other)
+    a, b = laid_out_as(input, out), laid_out_as(other, out)
     numel = out.numel()
     if numel == 0 or not _runtime.should_launch(_add_relu_kernel, a, b):
         return out

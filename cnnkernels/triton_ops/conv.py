@@ -8,7 +8,7 @@ memory format, so the output is written once and never read back.
 Layouts the kernel wants:
 - activations with unit channel stride (NHWC, i.e. channels_last, sliced views included).
   NCHW input is copied to channels_last once per call: one extra read and write of the
-  input. channels_last is the fast path; the output keeps the input's memory format.
+  input. channels_last is the fast path; the output is channels_last when the input or weight is.
 - weights with (R, S, C/groups) flattened, channel fastest, per output channel: that is a
   channels_last weight, used as is. Other weights are copied to it on each call (see
   `kernel_layout_weight` for why that copy is not cached).
@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .._args import PLAIN_TENSORS, check_weight_sizes, output_memory_format, remember
+from .._args import PLAIN_TENSORS, check_weight_sizes, conv_output_memory_format, remember
 from . import _autotune, _runtime
 from ._runtime import store_cast
 
@@ -766,7 +766,7 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
     stride, padding, dilation, out_shape = _check_args(
         input, weight, residual, bias, stride, padding, dilation, groups
     )
-    out_format = output_memory_format(input)
+    out_format = conv_output_memory_format(input, weight)
     # The kernels index channels with unit stride: NCHW (or other) input costs one copy per call.
     copy_input = not (input.size(1) == 1 or input.stride(1) == 1)
     depthwise = weight.size(1) == 1 and groups > 1  # its own kernel, which reads any weight strides

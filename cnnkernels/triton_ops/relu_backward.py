@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._args import output_memory_format, shape_cached
+from .._args import memory_format_of, shape_cached
 from . import _runtime
 from ._runtime import store_cast
 
@@ -124,7 +124,7 @@ def channel_walk(t: torch.Tensor) -> ChannelWalk:
 def _channel_walk(t):
     """At most _PARTIAL_ROWS partial sums per channel, and one per 64 pixels or fewer, so that
     the fp32 partials stay a few percent of the tensor's bytes when images are small."""
-    fmt = output_memory_format(t)
+    fmt = memory_format_of(t)
     channels_last = fmt == torch.channels_last
     N, C, H, W = t.shape
     HW = H * W

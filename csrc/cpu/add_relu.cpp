@@ -56,12 +56,10 @@ namespace {
 
 at::Tensor add_relu_cpu(const at::Tensor& input, const at::Tensor& other) {
   check_add_relu_args(input, other);
-  // One pass in storage order when both already have the output's layout (the input's
-  // suggested memory format, as the fake kernel and the other backends give); otherwise one
-  // copy of whichever does not.
-  const auto format = output_memory_format(input);
-  const at::Tensor a = input.contiguous(format), b = other.contiguous(format);
-  at::Tensor out = at::empty(a.sizes(), a.options().memory_format(format));
+  // The output laid out as torch lays out relu(input + other); operands already laid out so
+  // are read in place, the others copied so once.
+  at::Tensor out = empty_add_relu_output(input, other);
+  const at::Tensor a = laid_out_as(input, out), b = laid_out_as(other, out);
   add_relu_dense(a, b, out);
   return out;
 }

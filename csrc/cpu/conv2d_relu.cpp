@@ -122,7 +122,7 @@ at::Tensor conv2d_bias_act_cpu(const char* op, const at::Tensor& input, const at
                                at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, int64_t groups) {
   check_conv2d_args(op, input, weight, bias, residual, stride, padding, dilation, groups);
-  const auto format = output_memory_format(input);
+  const auto format = conv_output_memory_format(input, weight);
   if (at::Tensor out = winograd_conv2d_bias_relu(input, weight, bias, residual, stride, padding, dilation, groups);
       out.defined()) {
     return out;
@@ -140,12 +140,9 @@ at::Tensor conv2d_bias_act_cpu(const char* op, const at::Tensor& input, const at
         [&] { return reorder_for_onednn(weight, x.sizes(), stride, padding, dilation, groups); });
     if (!prepared.changing) reordered = prepared.tensor;
   }
-  // ATen computes in channels_last when either operand is: NCHW input takes an NCHW weight, so
-  // that its output comes out NCHW without a copy back.
-  const at::Tensor w = format == at::MemoryFormat::Contiguous ? weight.contiguous() : weight;
   at::Tensor out = tiny                 ? conv_tiny(x, weight, bias, stride, padding, format)
                    : reordered.defined() ? conv_onednn(x, reordered, bias, stride, padding, dilation, groups)
-                   : at::convolution(x, w, bias, stride, padding, dilation, /*transposed=*/false, {0, 0}, groups);
+                   : at::convolution(x, weight, bias, stride, padding, dilation, /*transposed=*/false, {0, 0}, groups);
   out = out.contiguous(format);
   add_relu_dense(out, r, out);
   if (tiny) tiny_runs.fetch_add(1, std::memory_order_relaxed);
@@ -179,14 +176,11 @@ std::tuple<at::Tensor, at::Tensor> tiny_conv_backward(const at::Tensor& grad, co
       weight.scalar_type() != at::kFloat) {
     return {};
   }
-  const auto layout = tiny_layout(input, output_memory_format(input));
+  const auto grads_format = conv_output_memory_format(input, weight);  // as convolution_backward gives them
+  const auto layout = tiny_layout(input, grads_format);
   auto [grad_input, grad_weight, grad_bias] = at::_slow_conv2d_backward(
       strided_as(grad, layout), strided_as(input, layout), strided_as(weight, layout), {weight.size(2), weight.size(3)},
       stride, padding, {input_grad, weight_grad, false});
-  // In the layout convolution_backward gives both: channels_last when either operand is.
-  const bool channels_last = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
-                             weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  const auto grads_format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   if (grad_input.defined()) grad_input = strided_as(grad_input, grads_format);
   if (grad_weight.defined()) grad_weight = strided_as(grad_weight, grads_format);
   tiny_runs.fetch_add(1, std::memory_order_relaxed);

@@ -167,7 +167,7 @@ void nchw_pass(const T* g, const T* o, T* gi, T* grad_bias, int64_t N, int64_t C
 
 std::tuple<at::Tensor, at::Tensor> relu_backward_bias_grad_cpu(const at::Tensor& grad, const at::Tensor& output) {
   check_relu_backward_args(grad, output);
-  const auto format = output_memory_format(output);
+  const auto format = output.suggest_memory_format();
   const at::Tensor g = grad.contiguous(format), o = output.contiguous(format);
   at::Tensor grad_input = at::empty(o.sizes(), o.options().memory_format(format));
   const int64_t N = o.size(0), C = o.size(1), HW = o.size(2) * o.size(3);

@@ -26,6 +26,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../conv_args.h"
 #include "elementwise.h"
 #include "weight_cache.h"
 
@@ -360,7 +361,7 @@ at::Tensor winograd_conv2d_bias_relu(const at::Tensor& input, const at::Tensor& 
   const auto cl = at::MemoryFormat::ChannelsLast;
   const at::Tensor out = run(input.contiguous(cl), u, bias, residual.defined() ? residual.contiguous(cl) : residual,
                              padding[0], padding[1], /*relu=*/true);
-  return out.defined() ? out.contiguous(input.suggest_memory_format()) : out;
+  return out.defined() ? out.contiguous(conv_output_memory_format(input, weight)) : out;
 }
 
 at::Tensor winograd_conv2d_input_grad(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
@@ -378,7 +379,7 @@ at::Tensor winograd_conv2d_input_grad(const at::Tensor& grad, const at::Tensor& 
   if (!u.defined()) return {};
   const at::Tensor out = run(grad.contiguous(at::MemoryFormat::ChannelsLast), u, c10::nullopt, at::Tensor(),
                              2 - padding[0], 2 - padding[1], /*relu=*/false);
-  return out.defined() ? out.contiguous(input.suggest_memory_format()) : out;
+  return out.defined() ? out.contiguous(conv_output_memory_format(input, weight)) : out;
 }
 
 int64_t winograd_runs() { return completed_runs.load(std::memory_order_relaxed); }

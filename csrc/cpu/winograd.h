@@ -3,7 +3,7 @@
 // stride 1, dilation 1, groups 1; fewer than 16 input or output channels; too few 4x4 output
 // tiles per thread or tiles mostly outside the output) or when its values do not (NaN,
 // infinities or huge values, which the transforms would spread or overflow): the caller then
-// runs the direct conv. Outputs keep the input's memory format. CNNKERNELS_CPU_WINOGRAD=0
+// runs the direct conv. Outputs take F.conv2d's memory format. CNNKERNELS_CPU_WINOGRAD=0
 // turns Winograd off.
 #pragma once
 #include <ATen/ATen.h>

@@ -22,12 +22,10 @@ int grid_for(int64_t work_items_per_block_step, int64_t n_items) {
 
 at::Tensor add_relu_cuda(const at::Tensor& input, const at::Tensor& other) {
   check_add_relu_args(input, other);
-  // The output takes the input's memory format (what the fake kernel promises); operands already
-  // dense in that format are read in place, the others copied into it once.
-  const auto format = output_memory_format(input);
-  const at::Tensor a = input.contiguous(format);
-  const at::Tensor b = other.contiguous(format);
-  at::Tensor out = at::empty(a.sizes(), a.options().memory_format(format));
+  // The output laid out as torch lays out relu(input + other); operands already laid out so
+  // are read in place, the others copied so once.
+  at::Tensor out = empty_add_relu_output(input, other);
+  const at::Tensor a = laid_out_as(input, out), b = laid_out_as(other, out);
   const int64_t n = a.numel();
   if (n == 0) return out;
 

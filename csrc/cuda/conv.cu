@@ -406,7 +406,7 @@ at::Tensor conv_bias_relu(const char* op, const at::Tensor& input, const at::Ten
   for (int64_t v : {s.N, s.C, s.H, s.W, s.K, s.R, s.S, s.OH, s.OW, s.C / s.groups * s.R * s.S}) {
     TORCH_CHECK(v <= int_max, op, ": sizes of 2^31 or more along one dimension are not supported");
   }
-  at::Tensor out = at::empty({s.N, s.K, s.OH, s.OW}, input.options().memory_format(output_memory_format(input)));
+  at::Tensor out = at::empty({s.N, s.K, s.OH, s.OW}, input.options().memory_format(conv_output_memory_format(input, weight)));
   if (out.numel() == 0) return out;
 
   c10::cuda::CUDAGuard guard(input.device());

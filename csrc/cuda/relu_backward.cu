@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> relu_backward_bias_grad_cuda(const at::Tensor
   c10::cuda::CUDAGuard guard(output.device());
   // grad_pre_relu takes output's memory format (what the fake kernel promises); operands already
   // dense in it are read in place, the others copied into it once.
-  const auto format = output_memory_format(output);
+  const auto format = output.suggest_memory_format();
   const at::Tensor g = grad.contiguous(format);
   const at::Tensor o = output.contiguous(format);
   at::Tensor grad_pre_relu = at::empty(o.sizes(), g.options().memory_format(format));
