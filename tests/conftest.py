@@ -97,6 +97,14 @@ def assert_matches_reference(out, ref64, torch_same_dtype):
     assert ours <= bound, f"relative error {ours:.3g} > {bound:.3g} (PyTorch's own: {theirs:.3g})"
 
 
+def conv_output_memory_format(x, weight):
+    """channels_last when the input or the weight is (torch's suggest_memory_format), as F.conv2d
+    lays out its output on the CPU and through cuDNN."""
+    suggest = torch._prims_common.suggest_memory_format
+    cl = torch.channels_last
+    return cl if cl in (suggest(x), suggest(weight)) else torch.contiguous_format
+
+
 def memory_format_of(t):
     return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
         and not t.is_contiguous() else torch.contiguous_format

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import cnnkernels  # noqa: F401  (loads cnnkernels._C, which registers the ops)
 from cnnkernels import _extension
-from conftest import REQUIRE_CUDA, assert_matches_reference, cuda_or_skip, poisoned_outputs
+from conftest import REQUIRE_CUDA, assert_matches_reference, conv_output_memory_format, cuda_or_skip, poisoned_outputs
 
 pytestmark = pytest.mark.gpu  # every test here needs a GPU (benchmarks/gpu_check.sh runs `-m gpu` first)
 
@@ -159,7 +159,7 @@ def check_conv(kernel, x, weight, bias, geometry, residual=None, allow_tf32=Fals
     with tf32(allow_tf32):
         torch_same = conv_reference(x, weight, bias, geometry, residual, dtype=x.dtype)
     assert_matches_reference(out, conv_reference(x, weight, bias, geometry, residual), torch_same)
-    assert out.is_contiguous(memory_format=suggest_memory_format(x))
+    assert out.is_contiguous(memory_format=conv_output_memory_format(x, weight))
     for b, a in zip(before, inputs):
         assert torch.equal(b.nan_to_num(0.5), a.nan_to_num(0.5)), "an input was modified"
     return out
@@ -385,6 +385,17 @@ def test_residual_may_alias_the_input(kernel, layout):
     weight = (torch.randn(16, 16, 3, 3, device="cuda") / 12).to(torch.bfloat16)
     bias = torch.randn(16, device="cuda", dtype=torch.bfloat16)
     check_conv(kernel, x, weight, bias, dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1), residual=x)
+
+
+@pytest.mark.parametrize("kernel", ["generic", "cutlass"])
+def test_channels_last_weight_turns_nchw_input_channels_last(kernel):
+    """As F.conv2d through cuDNN: with a channels_last weight, NCHW input gives channels_last output."""
+    if kernel == "cutlass":
+        cutlass_or_skip()
+    x, weight, b, geometry = make_conv(CUTLASS_CASES["3x3"], torch.bfloat16, "nchw")
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    out = check_conv(kernel, x, weight, b, geometry, residual_for(x, weight, geometry, "nchw"))
+    assert out.stride() == torch.relu(F.conv2d(x, weight, b, **geometry)).stride()
 
 
 @pytest.mark.parametrize("kernel, dtype", [("generic", torch.float32), ("generic", torch.bfloat16),

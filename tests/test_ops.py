@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import cnnkernels
-from conftest import BACKENDS, DEVICES, assert_matches_reference, memory_format_of, poisoned_outputs
+from conftest import (BACKENDS, DEVICES, assert_matches_reference, conv_output_memory_format, memory_format_of,
+                      poisoned_outputs)
 
 # (N, C, H, W, K, kernel, stride, padding, dilation, groups)
 CASES = {
@@ -102,14 +103,6 @@ def test_conv2d_add_relu(case, dtype, backend, device):
     out_shape = reference(x, weight, bias, geometry).shape
     residual = in_layout(torch.randn(out_shape, device=device).to(dtype), LAYOUTS[::-1][list(CASES).index(case) % 3])
     check_conv(backend, "conv2d_add_relu", x, weight, bias, geometry, residual)
-
-
-def conv_output_memory_format(x, weight):
-    """channels_last when the input or the weight is (torch's suggest_memory_format), as F.conv2d
-    lays out its output."""
-    suggest = torch._prims_common.suggest_memory_format
-    cl = torch.channels_last
-    return cl if cl in (suggest(x), suggest(weight)) else torch.contiguous_format
 
 
 @pytest.mark.parametrize("device", DEVICES)
