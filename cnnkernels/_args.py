@@ -253,20 +253,20 @@ def shape_cached(cache: dict, t, make):
 def empty_add_relu_output(input, other):
     """An empty tensor laid out as torch lays out relu(input + other); the C++ ops follow the same
     rule (csrc/conv_args.cpp, which says why it takes these steps)."""
-    format = _common_format(input, other)
-    if format is None:
-        sum = _on_meta(input) + _on_meta(other)
-        format = _common_format(sum)
-        if format is None:
-            return torch.empty_strided(input.shape, sum.stride(), dtype=input.dtype, device=input.device)
-    return torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=format)
+    fmt = _common_format(input, other)
+    if fmt is None:
+        total = _on_meta(input) + _on_meta(other)
+        fmt = _common_format(total)
+        if fmt is None:
+            return torch.empty_strided(input.shape, total.stride(), dtype=input.dtype, device=input.device)
+    return torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=fmt)
 
 
 def _common_format(*tensors):
     """Contiguous or channels_last, whichever all of `tensors` are (contiguous first), if any."""
-    for format in (torch.contiguous_format, torch.channels_last):
-        if all(t.is_contiguous(memory_format=format) for t in tensors):
-            return format
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        if all(t.is_contiguous(memory_format=fmt) for t in tensors):
+            return fmt
     return None
 
 

@@ -34,25 +34,27 @@ def dtype_name(dtype):
     return str(dtype).removeprefix("torch.")
 
 
-# The table as read, or None before the first read. A plain global, not functools.lru_cache:
-# torch.compile traces backend choice and warns about every lru_cache-wrapped call it meets.
-_loaded = None
+def _read():
+    try:
+        return json.loads(TABLE_PATH.read_text()).get("devices", {})
+    except FileNotFoundError:
+        return {}
+
+
+# Read at import, not on first use: torch.compile traces backend choice, and a first call made
+# under it cannot read a file (fullgraph=True failed on it). A plain global, not
+# functools.lru_cache, which torch.compile warns about at every call it meets.
+_loaded = _read()
 
 
 def _table():
-    global _loaded
-    if _loaded is None:
-        try:
-            _loaded = json.loads(TABLE_PATH.read_text()).get("devices", {})
-        except FileNotFoundError:
-            _loaded = {}
     return _loaded
 
 
 def reload():
     """Reads auto_choice.json again (after it was rewritten)."""
     global _loaded
-    _loaded = None
+    _loaded = _read()
     _call_plans.clear()
 
 
