@@ -432,18 +432,21 @@ def test_torch_compile_fullgraph_forward_backward_and_dynamic_shapes(backend, re
     assert not dynamo_warnings
 
 
-def test_torch_compile_fullgraph_as_a_fresh_process_first_call():
-    """Backend choice under "auto" made for the first time while dynamo traces: nothing on that
-    path may read a file or do what dynamo cannot trace (the auto_choice table once did)."""
+@pytest.mark.parametrize("device, backend", [("cpu", "auto")] + [
+    pytest.param("cuda", name, marks=pytest.mark.gpu) for name in ("auto", "cuda", "triton")])
+def test_torch_compile_fullgraph_as_a_fresh_process_first_call(device, backend):
+    """Backend choice made for the first time while dynamo traces: nothing on that path may read
+    a file or do what dynamo cannot trace (the auto_choice table once did)."""
     done = _python(
         "import torch, cnnkernels, torch.nn.functional as F\n"
-        "x, w, r = torch.randn(2, 4, 6, 6), torch.randn(4, 4, 3, 3), torch.randn(2, 4, 6, 6)\n"
+        f"cnnkernels.set_backend({backend!r})\n"
+        f"x, w, r = (torch.randn(s, device={device!r}) for s in ((2, 8, 6, 6), (8, 8, 3, 3), (2, 8, 6, 6)))\n"
         "def block(x, w, r):\n"
         "    y = cnnkernels.conv2d_relu(x, w, None, padding=1)\n"
         "    return cnnkernels.add_relu(cnnkernels.conv2d_add_relu(y, w, r, None, padding=1), r)\n"
         "out = torch.compile(block, fullgraph=True, backend='aot_eager')(x, w, r)\n"
         "ref = torch.relu(torch.relu(F.conv2d(torch.relu(F.conv2d(x, w, None, padding=1)), w, None, padding=1) + r) + r)\n"
-        "assert torch.allclose(out, ref, atol=1e-5)\n"
+        "assert torch.allclose(out, ref, rtol=1e-2, atol=1e-2), (out - ref).abs().max()  # TF32 on GPUs\n"
         "print('ok')")
     assert done.stdout.strip() == "ok", done.stderr[-3000:]
 
