@@ -187,6 +187,13 @@ def test_add_relu_lays_out_its_output_as_torch(backend, device):
         assert torch.equal(out, expected)
         checked += expected.stride() != a.contiguous().stride()
     assert checked > 100  # most pairs are laid out other than contiguous
+    t = lambda *shape: torch.randn(shape, device=device)  # noqa: E731
+    for a, b in [(t(2, 3, 4, 5), t(1, 3, 1, 1).expand(2, 3, 4, 5)),  # broadcast views: stride 0
+                 (t(1, 3, 1, 5).expand(2, 3, 4, 5), t(2, 1, 4, 1).expand(2, 3, 4, 5)),
+                 (t(2, 3, 1, 1).expand(2, 3, 4, 5), t(2, 5, 4, 3).transpose(1, 3))]:
+        with cnnkernels.use_backend(backend), poisoned_outputs():
+            out = cnnkernels.add_relu(a, b)
+        assert out.stride() == torch.relu(a + b).stride() and torch.equal(out, torch.relu(a + b))
 
 
 @pytest.mark.parametrize("device", DEVICES)
