@@ -21,7 +21,6 @@ from conftest import REQUIRE_CUDA, assert_matches_reference, conv_output_memory_
 pytestmark = pytest.mark.gpu  # every test here needs a GPU (benchmarks/gpu_check.sh runs `-m gpu` first)
 
 ops = torch.ops.cnnkernels
-suggest_memory_format = torch._prims_common.suggest_memory_format
 
 
 def skip_or_fail(reason):
