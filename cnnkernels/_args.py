@@ -174,6 +174,11 @@ def conv_call(op, input, weight, bias, stride, padding, dilation, groups, residu
             got = list(residual.shape)[1:] if unbatched and residual.dim() == 4 else list(residual.shape)
             raise RuntimeError(f"{op}: expected residual of size {shown} (the convolution's output), but "
                                f"got residual of size {got}")
+    # Dilation along a kernel dimension of size 1 changes nothing, and oneDNN (F.conv2d on the CPU,
+    # torch 2.14.1) read out of bounds and crashed with it on channels_last tensors of width or
+    # height 1-2. conv_args.h's effective_dilation does the same for the C++ ops.
+    if (r == 1 and dilation[0] != 1) or (s == 1 and dilation[1] != 1):
+        dilation = [1 if r == 1 else dilation[0], 1 if s == 1 else dilation[1]]
     return ConvCall(input, weight, bias, residual, stride, padding, dilation, groups, unbatched)
 
 

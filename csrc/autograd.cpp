@@ -17,6 +17,7 @@
 
 #include <tuple>
 
+#include "conv_args.h"
 #include "cpu/conv2d_relu.h"
 #include "cpu/winograd.h"
 
@@ -36,7 +37,7 @@ void save_conv(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& 
   ctx->save_for_backward({input, weight, output});
   ctx->saved_data["stride"] = stride.vec();
   ctx->saved_data["padding"] = padding.vec();
-  ctx->saved_data["dilation"] = dilation.vec();
+  ctx->saved_data["dilation"] = effective_dilation(weight, dilation);
   ctx->saved_data["groups"] = groups;
   ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
 }

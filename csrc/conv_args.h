@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 namespace cnnkernels {
 
 struct ConvShape {
@@ -38,6 +40,14 @@ inline at::MemoryFormat conv_output_memory_format(const at::Tensor& input, const
   const auto CL = at::MemoryFormat::ChannelsLast;
   return input.suggest_memory_format() == CL || weight.suggest_memory_format() == CL ? CL
                                                                                       : at::MemoryFormat::Contiguous;
+}
+
+// The dilation to hand to ATen's convolutions: 1 along a kernel dimension of size 1, where any
+// dilation computes the same, since oneDNN (F.conv2d on the CPU, torch 2.14.1) read out of bounds
+// and crashed with it on channels_last tensors of width or height 1-2 (_args.conv_call does the
+// same in Python).
+inline std::vector<int64_t> effective_dilation(const at::Tensor& weight, at::IntArrayRef dilation) {
+  return {weight.size(2) == 1 ? 1 : dilation[0], weight.size(3) == 1 ? 1 : dilation[1]};
 }
 
 }  // namespace cnnkernels

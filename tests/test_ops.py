@@ -1,6 +1,9 @@
 """Every op on every backend against a float64 PyTorch reference, over the geometry grid."""
 import itertools
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -222,6 +225,87 @@ def test_residual_and_other_may_alias_the_input(backend, device):
     with cnnkernels.use_backend(backend):
         out = cnnkernels.add_relu(x, x)
     assert torch.equal(out, torch.relu(x + x))
+
+
+# Convs that crashed F.conv2d (oneDNN, torch 2.14.1 on the CPU) with a segfault: dilation along a
+# kernel dimension of size 1, on channels_last tensors 1-2 wide. Found by a random search; each
+# crashed every time it ran alone. (dtype, N, C, K, groups, (H, W), (R, S), stride, padding,
+# dilation, channels_last input, channels_last weight)
+DILATED_SIZE_1_KERNELS = [
+    ("float32", 2, 24, 6, 3, (8, 1), (3, 1), (3, 3), (0, 2), (3, 3), True, False),
+    ("float32", 1, 24, 9, 3, (2, 1), (3, 1), (4, 3), (3, 2), (2, 2), True, False),
+    ("bfloat16", 2, 3, 8, 1, (5, 1), (1, 1), (3, 2), (3, 3), (3, 3), True, True),
+    ("float32", 1, 48, 96, 48, (12, 1), (5, 1), (4, 2), (2, 1), (3, 3), True, False),
+    ("bfloat16", 1, 32, 2, 2, (3, 2), (2, 1), (4, 3), (2, 1), (3, 3), False, True),
+]
+
+
+def test_dilation_along_a_size_1_kernel_dimension_does_not_crash():
+    """Runs in a child process, so that a crash fails this test rather than the whole run. Each
+    case goes through every backend and through the C++ op called directly."""
+    code = f"""
+import os, torch, torch.nn.functional as F, cnnkernels
+from conftest import assert_matches_reference
+for dtype, n, c, k, groups, (h, w), (r, s), stride, padding, dilation, x_cl, w_cl in {DILATED_SIZE_1_KERNELS!r}:
+    dtype = getattr(torch, dtype)
+    x = torch.randn(n, c, h, w).to(dtype)
+    weight = torch.randn(k, c // groups, r, s).to(dtype)
+    bias = torch.randn(k).to(dtype)
+    if x_cl: x = x.contiguous(memory_format=torch.channels_last)
+    if w_cl: weight = weight.contiguous(memory_format=torch.channels_last)
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    ref = torch.relu(F.conv2d(x.double(), weight.double(), bias.double(), **geometry))
+    # F.conv2d in the input's dtype stands in for PyTorch's own error: the same conv without the
+    # dilation, which changes nothing here.
+    same = torch.relu(F.conv2d(x, weight, bias, stride, padding, [1 if r == 1 else dilation[0],
+                                                                  1 if s == 1 else dilation[1]], groups))
+    outs = {{}}
+    for backend in cnnkernels.available_backends("cpu"):
+        with cnnkernels.use_backend(backend):
+            outs[backend] = cnnkernels.conv2d_relu(x, weight, bias, **geometry)
+    if cnnkernels._extension.module() is not None:
+        outs["torch.ops"] = torch.ops.cnnkernels.conv2d_relu(x, weight, bias, stride, padding, dilation, groups)
+    for name, out in outs.items():
+        assert_matches_reference(out, ref, same)
+    print("ran", sorted(outs))
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.path.dirname(__file__))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-3000:]}"
+    assert ("torch.ops" in done.stdout) == (cnnkernels._extension.module() is not None), done.stdout
+
+
+# bf16 channels_last convs with a one-column output and a column stride above 1, to which F.conv2d
+# (oneDNN, torch 2.14.1 on an AVX-512 BF16 CPU) gave garbage: uninitialized values and lost NaNs.
+# Found by a random search. (N, C, H, W, K, kernel, stride, padding, dilation, groups)
+ONE_COLUMN_BF16 = [
+    (1, 3, 13, 3, 12, (4, 3), (1, 4), (1, 0), 1, 3),
+    (1, 2, 10, 5, 4, (2, 2), (1, 4), (1, 0), 1, 2),
+    (1, 16, 6, 7, 32, (3, 3), (1, 5), (1, 0), (2, 1), 16),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])  # "torch" is F.conv2d as it is
+@pytest.mark.parametrize("case", ONE_COLUMN_BF16)
+def test_bf16_channels_last_one_column_outputs(case, backend, device):
+    seeded()
+    n, c, h, w, k, (r, s), stride, padding, dilation, groups = case
+    x = torch.randn(n, c, h, w, device=device).bfloat16().contiguous(memory_format=torch.channels_last)
+    x[0, 0, 1, 0] = float("nan")
+    weight = torch.randn(k, c // groups, r, s, device=device).bfloat16()
+    bias = torch.randn(k, device=device).bfloat16()
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    residual = torch.randn(reference(x, weight, bias, geometry).shape, device=device).bfloat16()
+    # PyTorch's own bf16 error, from the NCHW conv, which these inputs do not break.
+    nchw = x.contiguous(), weight, bias, geometry
+    for res in (None, residual.contiguous(memory_format=torch.channels_last)):
+        with cnnkernels.use_backend(backend), poisoned_outputs():
+            out = (cnnkernels.conv2d_relu(x, weight, bias, **geometry) if res is None
+                   else cnnkernels.conv2d_add_relu(x, weight, res, bias, **geometry))
+        assert_matches_reference(out, reference(x, weight, bias, geometry, res),
+                                 reference(*nchw, res, dtype=torch.bfloat16))
+        assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.gpu

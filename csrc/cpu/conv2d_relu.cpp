@@ -120,29 +120,39 @@ at::Tensor conv_tiny(const at::Tensor& x, const at::Tensor& w, const c10::option
 at::Tensor conv2d_bias_act_cpu(const char* op, const at::Tensor& input, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
                                at::IntArrayRef stride, at::IntArrayRef padding,
-                               at::IntArrayRef dilation, int64_t groups) {
-  check_conv2d_args(op, input, weight, bias, residual, stride, padding, dilation, groups);
+                               at::IntArrayRef requested_dilation, int64_t groups) {
+  const ConvShape shape = check_conv2d_args(op, input, weight, bias, residual, stride, padding, requested_dilation,
+                                            groups);
+  const std::vector<int64_t> dilation = effective_dilation(weight, requested_dilation);
   const auto format = conv_output_memory_format(input, weight);
   if (at::Tensor out = winograd_conv2d_bias_relu(input, weight, bias, residual, stride, padding, dilation, groups);
       out.defined()) {
     return out;
   }
-  const at::Tensor x = input.contiguous(format);
+  // oneDNN's bf16 channels_last conv wrote garbage (uninitialized values, lost NaNs) into outputs
+  // one column wide with a column stride above 1 (torch 2.14.1, AVX-512 BF16; found by a random
+  // search: grouped convs such as 3 -> 12 channels in 3 groups, 4x3 kernel, stride (1, 4) on
+  // 13x3). In NCHW it computes them right; the output is converted back, a small copy.
+  const bool onednn_bf16_column_bug = format == at::MemoryFormat::ChannelsLast &&
+                                      input.scalar_type() == at::kBFloat16 && shape.OW == 1 && stride[1] > 1;
+  const auto compute_format = onednn_bf16_column_bug ? at::MemoryFormat::Contiguous : format;
+  const at::Tensor x = input.contiguous(compute_format);
+  const at::Tensor w = onednn_bf16_column_bug ? weight.contiguous() : weight;
   const at::Tensor r = residual.defined() ? residual.contiguous(format) : residual;
 
-  const bool tiny = tiny_conv(x, weight, stride, padding, dilation, groups);
+  const bool tiny = tiny_conv(x, w, stride, padding, dilation, groups);
   // The reordered weight makes oneDNN compute in channels_last: only for channels_last input. A
   // weight that changes between calls (training) is not reordered: at::convolution takes it.
   at::Tensor reordered;
-  if (!tiny && format == at::MemoryFormat::ChannelsLast && reordered_onednn_takes(x, weight, groups)) {
+  if (!tiny && compute_format == at::MemoryFormat::ChannelsLast && reordered_onednn_takes(x, w, groups)) {
     const PreparedWeight prepared = prepared_weight(
         WeightForm::kOneDnnBlocked, weight, x.sizes(), stride, padding, dilation, groups,
         [&] { return reorder_for_onednn(weight, x.sizes(), stride, padding, dilation, groups); });
     if (!prepared.changing) reordered = prepared.tensor;
   }
-  at::Tensor out = tiny                 ? conv_tiny(x, weight, bias, stride, padding, format)
+  at::Tensor out = tiny                 ? conv_tiny(x, w, bias, stride, padding, format)
                    : reordered.defined() ? conv_onednn(x, reordered, bias, stride, padding, dilation, groups)
-                   : at::convolution(x, weight, bias, stride, padding, dilation, /*transposed=*/false, {0, 0}, groups);
+                   : at::convolution(x, w, bias, stride, padding, dilation, /*transposed=*/false, {0, 0}, groups);
   out = out.contiguous(format);
   add_relu_dense(out, r, out);
   if (tiny) tiny_runs.fetch_add(1, std::memory_order_relaxed);
