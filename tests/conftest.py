@@ -37,6 +37,11 @@ BACKENDS = ["torch", "cuda", "triton", "auto"]
 # The floor of the tolerance rule: normwise relative error allowed even when PyTorch's own
 # error in the same dtype is near zero.
 ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# The most of PyTorch's own error the bound takes in, so that a PyTorch that goes wrong itself
+# (oneDNN's bf16 one-column outputs in test_ops: relative errors of 1e30 and more) cannot widen
+# it. The largest seen in the suite on the CPU: fp32 2.7e-6, fp16 2.8e-4, bf16 0.071 (batch
+# norm); fp32 leaves room for TF32 on a GPU (10 mantissa bits: about 1e-3).
+ERROR_CEILING = {torch.float64: 1e-9, torch.float32: 1e-2, torch.float16: 1e-2, torch.bfloat16: 0.1}
 
 
 def interpreting_triton():
@@ -86,14 +91,14 @@ def relative_error(out, ref):
 
 def assert_matches_reference(out, ref64, torch_same_dtype):
     """The tolerance rule: our error against the float64 reference is at most twice PyTorch's
-    own error in the same dtype, plus a small floor. NaN must appear exactly where the
-    reference has it, and everywhere else the output must be written."""
+    own error in the same dtype (up to a ceiling), plus a small floor. NaN must appear exactly
+    where the reference has it, and everywhere else the output must be written."""
     assert out.shape == ref64.shape, (out.shape, ref64.shape)
     assert out.dtype == torch_same_dtype.dtype
     assert torch.equal(out.isnan(), ref64.isnan()), "NaN positions differ from the reference"
     ours = relative_error(out, ref64)
     theirs = relative_error(torch_same_dtype, ref64)
-    bound = 2 * theirs + ERROR_FLOOR[out.dtype]
+    bound = min(2 * theirs, ERROR_CEILING[out.dtype]) + ERROR_FLOOR[out.dtype]
     assert ours <= bound, f"relative error {ours:.3g} > {bound:.3g} (PyTorch's own: {theirs:.3g})"
 
 
