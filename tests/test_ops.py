@@ -275,37 +275,47 @@ for dtype, n, c, k, groups, (h, w), (r, s), stride, padding, dilation, x_cl, w_c
     assert ("torch.ops" in done.stdout) == (cnnkernels._extension.module() is not None), done.stdout
 
 
-# bf16 channels_last convs with a one-column output and a column stride above 1, to which F.conv2d
-# (oneDNN, torch 2.14.1 on an AVX-512 BF16 CPU) gave garbage: uninitialized values and lost NaNs.
-# Found by a random search. (N, C, H, W, K, kernel, stride, padding, dilation, groups)
-ONE_COLUMN_BF16 = [
-    (1, 3, 13, 3, 12, (4, 3), (1, 4), (1, 0), 1, 3),
-    (1, 2, 10, 5, 4, (2, 2), (1, 4), (1, 0), 1, 2),
-    (1, 16, 6, 7, 32, (3, 3), (1, 5), (1, 0), (2, 1), 16),
-]
+# bf16 convs that F.conv2d (oneDNN, torch 2.14.1 and 2.11.0 on an AVX-512 BF16 CPU) got wrong, found
+# by random searches against float64. (N, C, H, W, K, kernel, stride, padding, dilation, groups,
+# layout, non-finite input values)
+ONEDNN_BF16_CASES = {
+    # channels_last, one output column, column stride above 1: uninitialized values, lost NaNs
+    "one_column_groups3": (1, 3, 13, 3, 12, (4, 3), (1, 4), (1, 0), 1, 3, "channels_last", ["nan"]),
+    "one_column_groups2": (1, 2, 10, 5, 4, (2, 2), (1, 4), (1, 0), 1, 2, "channels_last", []),
+    "one_column_depthwise": (1, 16, 6, 7, 32, (3, 3), (1, 5), (1, 0), (2, 1), 16, "channels_last", []),
+    # NaN and infinities spread to outputs whose windows do not hold them (small channel counts)
+    "nan_groups2": (1, 2, 6, 11, 4, (3, 3), 1, 1, 1, 2, "channels_last", ["nan", "inf"]),
+    "nan_groups3_dilated": (3, 3, 10, 10, 9, (2, 3), 1, (2, 3), (3, 1), 3, "channels_last", ["nan"]),
+    "inf_1_channel_s2": (2, 1, 10, 6, 4, (3, 3), 2, 1, 1, 1, "channels_last", ["inf", "-inf"]),
+    "inf_nchw_1_channel": (1, 1, 10, 11, 1, (3, 3), 1, 1, 1, 1, "nchw", ["inf", "-inf"]),
+    "nan_nchw_3_channels": (2, 3, 12, 12, 8, (3, 3), 1, 1, 1, 1, "nchw", ["nan", "inf", "nan"]),
+    "nan_nchw_1_channel": (2, 1, 9, 9, 4, (5, 5), 1, 2, 1, 1, "nchw", ["nan", "-inf"]),
+}
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy, on NaN
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])  # "torch" is F.conv2d as it is
-@pytest.mark.parametrize("case", ONE_COLUMN_BF16)
-def test_bf16_channels_last_one_column_outputs(case, backend, device):
+@pytest.mark.parametrize("case", ONEDNN_BF16_CASES)
+def test_bf16_convs_onednn_got_wrong(case, backend, device):
     seeded()
-    n, c, h, w, k, (r, s), stride, padding, dilation, groups = case
-    x = torch.randn(n, c, h, w, device=device).bfloat16().contiguous(memory_format=torch.channels_last)
-    x[0, 0, 1, 0] = float("nan")
+    n, c, h, w, k, (r, s), stride, padding, dilation, groups, layout, specials = ONEDNN_BF16_CASES[case]
+    x = torch.randn(n, c, h, w, device=device)
+    for i, value in enumerate(specials):  # spread over images, channels and rows
+        x[i % n, i % c, (3 * i + 1) % h, (5 * i) % w] = float(value)
+    x = in_layout(x.bfloat16(), layout)
     weight = torch.randn(k, c // groups, r, s, device=device).bfloat16()
     bias = torch.randn(k, device=device).bfloat16()
     geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     residual = torch.randn(reference(x, weight, bias, geometry).shape, device=device).bfloat16()
-    # PyTorch's own bf16 error, from the NCHW conv, which these inputs do not break.
-    nchw = x.contiguous(), weight, bias, geometry
-    for res in (None, residual.contiguous(memory_format=torch.channels_last)):
+    for res in (None, in_layout(residual, layout)):
         with cnnkernels.use_backend(backend), poisoned_outputs():
             out = (cnnkernels.conv2d_relu(x, weight, bias, **geometry) if res is None
                    else cnnkernels.conv2d_add_relu(x, weight, res, bias, **geometry))
-        assert_matches_reference(out, reference(x, weight, bias, geometry, res),
-                                 reference(*nchw, res, dtype=torch.bfloat16))
-        assert out.is_contiguous(memory_format=torch.channels_last)
+        # PyTorch's own bf16 error: its fp32 conv rounded to bf16, which these inputs do not break.
+        torch_bf16 = reference(x, weight, bias, geometry, res, dtype=torch.float32).bfloat16()
+        assert_matches_reference(out, reference(x, weight, bias, geometry, res), torch_bf16)
+        assert out.is_contiguous(memory_format=conv_output_memory_format(x, weight))
 
 
 @pytest.mark.gpu

@@ -10,6 +10,7 @@
 // cost (1x1 64->64 at 56x56, batch 1, NCHW: 345 vs 286 us).
 // oneDNN's fused ReLU post-op is not used because it turns NaN into 0 (measured here with
 // torch 2.14.1), where torch.relu keeps NaN.
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <atomic>
 #include <torch/library.h>
@@ -59,6 +60,18 @@ bool cpu_runs_onednn_bf16() {
 #else
   return false;
 #endif
+}
+
+// Whether a dense bf16 tensor holds no NaN or infinity (all exponent bits set).
+bool all_finite_bf16(const at::Tensor& t) {
+  const auto* bits = reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>());
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, t.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+    bool non_finite = false;
+    for (int64_t i = begin; i < end; ++i) non_finite |= (bits[i] & 0x7F80) == 0x7F80;
+    if (non_finite) finite.store(false, std::memory_order_relaxed);
+  });
+  return finite.load(std::memory_order_relaxed);
 }
 
 // Whether the reordered-weight oneDNN path runs this conv: oneDNN is there and takes the dtype,
@@ -129,31 +142,35 @@ at::Tensor conv2d_bias_act_cpu(const char* op, const at::Tensor& input, const at
       out.defined()) {
     return out;
   }
-  // oneDNN's bf16 channels_last conv wrote garbage (uninitialized values, lost NaNs) into outputs
-  // one column wide with a column stride above 1 (torch 2.14.1, AVX-512 BF16; found by a random
-  // search: grouped convs such as 3 -> 12 channels in 3 groups, 4x3 kernel, stride (1, 4) on
-  // 13x3). In NCHW it computes them right; the output is converted back, a small copy.
-  const bool onednn_bf16_column_bug = format == at::MemoryFormat::ChannelsLast &&
-                                      input.scalar_type() == at::kBFloat16 && shape.OW == 1 && stride[1] > 1;
-  const auto compute_format = onednn_bf16_column_bug ? at::MemoryFormat::Contiguous : format;
-  const at::Tensor x = input.contiguous(compute_format);
-  const at::Tensor w = onednn_bf16_column_bug ? weight.contiguous() : weight;
+  // oneDNN's bf16 convs (torch 2.14.1 and 2.11.0, AVX-512 BF16; found by random searches against
+  // float64) get two kinds of input wrong: NaN and infinities spread to outputs whose windows do
+  // not hold them (a third of small-channel convs, either layout), and channels_last outputs one
+  // column wide with a column stride above 1 come out as uninitialized values. Those run in fp32,
+  // which oneDNN gets right, rounded to bf16 once as the bf16 kernels round their fp32 sums.
+  const at::Tensor x_in = input.contiguous(format);
+  const bool bf16_in_fp32 = input.scalar_type() == at::kBFloat16 &&
+                            ((format == at::MemoryFormat::ChannelsLast && shape.OW == 1 && stride[1] > 1) ||
+                             !all_finite_bf16(x_in));
+  const at::Tensor x = bf16_in_fp32 ? x_in.to(at::kFloat) : x_in;
+  const at::Tensor w = bf16_in_fp32 ? weight.to(at::kFloat) : weight;
+  const c10::optional<at::Tensor> b =
+      bf16_in_fp32 && bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : bias;
   const at::Tensor r = residual.defined() ? residual.contiguous(format) : residual;
 
   const bool tiny = tiny_conv(x, w, stride, padding, dilation, groups);
   // The reordered weight makes oneDNN compute in channels_last: only for channels_last input. A
   // weight that changes between calls (training) is not reordered: at::convolution takes it.
   at::Tensor reordered;
-  if (!tiny && compute_format == at::MemoryFormat::ChannelsLast && reordered_onednn_takes(x, w, groups)) {
+  if (!tiny && !bf16_in_fp32 && format == at::MemoryFormat::ChannelsLast && reordered_onednn_takes(x, w, groups)) {
     const PreparedWeight prepared = prepared_weight(
         WeightForm::kOneDnnBlocked, weight, x.sizes(), stride, padding, dilation, groups,
         [&] { return reorder_for_onednn(weight, x.sizes(), stride, padding, dilation, groups); });
     if (!prepared.changing) reordered = prepared.tensor;
   }
-  at::Tensor out = tiny                 ? conv_tiny(x, w, bias, stride, padding, format)
-                   : reordered.defined() ? conv_onednn(x, reordered, bias, stride, padding, dilation, groups)
-                   : at::convolution(x, w, bias, stride, padding, dilation, /*transposed=*/false, {0, 0}, groups);
-  out = out.contiguous(format);
+  at::Tensor out = tiny                 ? conv_tiny(x, w, b, stride, padding, format)
+                   : reordered.defined() ? conv_onednn(x, reordered, b, stride, padding, dilation, groups)
+                   : at::convolution(x, w, b, stride, padding, dilation, /*transposed=*/false, {0, 0}, groups);
+  out = out.to(input.scalar_type()).contiguous(format);
   add_relu_dense(out, r, out);
   if (tiny) tiny_runs.fetch_add(1, std::memory_order_relaxed);
   return out;
