@@ -6,7 +6,8 @@
 //   - with a bias that needs a gradient, cnnkernels::relu_backward_bias_grad masks the gradient
 //     and sums it per channel in one pass; without one, aten::threshold_backward masks it;
 //   - the masked gradient is the residual's gradient as it is (no copy);
-//   - aten::convolution_backward (cuDNN, oneDNN) gives the input and weight gradients, except
+//   - aten::convolution_backward (cuDNN, oneDNN) gives the input and weight gradients (on the CPU,
+//     in fp32 for the bf16 convs oneDNN gets wrong: cpu::conv_backward), except
 //     the input gradient of fp32 3x3 stride-1 convs on the CPU, which Winograd computes where it
 //     suits (csrc/cpu/winograd.h): 1.5-2x faster than oneDNN there; and both gradients of tiny
 //     fp32 CPU convs, which ATen's im2col + GEMM backward computes (csrc/cpu/conv2d_relu.h):
@@ -71,8 +72,9 @@ ConvGrads conv_grads(AutogradContext* ctx, const at::Tensor& grad, size_t bias_i
   const auto padding = ctx->saved_data["padding"].toIntVector();
   const auto dilation = ctx->saved_data["dilation"].toIntVector();
   const int64_t groups = ctx->saved_data["groups"].toInt();
+  const bool real_cpu = plain_cpu(grads.pre_relu) && plain_cpu(input) && plain_cpu(weight);
   // Not while recording a graph of the backward (create_graph=True): Winograd has no autograd.
-  const bool plain = !at::GradMode::is_enabled() && plain_cpu(grads.pre_relu) && plain_cpu(input) && plain_cpu(weight);
+  const bool plain = !at::GradMode::is_enabled() && real_cpu;
   if (plain) {
     std::tie(grads.input, grads.weight) = cpu::tiny_conv_backward(grads.pre_relu, input, weight, stride, padding,
                                                                   dilation, groups, input_grad, weight_grad);
@@ -84,9 +86,14 @@ ConvGrads conv_grads(AutogradContext* ctx, const at::Tensor& grad, size_t bias_i
   const bool input_left = input_grad && !grads.input.defined();
   if (input_left || weight_grad) {
     at::Tensor grad_input;
-    std::tie(grad_input, grads.weight, std::ignore) = at::convolution_backward(
-        grads.pre_relu, input, weight, c10::nullopt, stride, padding, dilation, /*transposed=*/false,
-        {0, 0}, groups, {input_left, weight_grad, false});
+    if (real_cpu) {
+      std::tie(grad_input, grads.weight) = cpu::conv_backward(grads.pre_relu, input, weight, stride, padding,
+                                                              dilation, groups, input_left, weight_grad);
+    } else {
+      std::tie(grad_input, grads.weight, std::ignore) = at::convolution_backward(
+          grads.pre_relu, input, weight, c10::nullopt, stride, padding, dilation, /*transposed=*/false,
+          {0, 0}, groups, {input_left, weight_grad, false});
+    }
     if (input_left) grads.input = grad_input;
   }
   return grads;

@@ -179,6 +179,80 @@ def test_conv_backward_without_bias_masks_with_aten(backend, device):
     assert "aten.threshold_backward" in names and not any("relu_backward_bias_grad" in n for n in names), names
 
 
+# bf16 convs whose gradients aten.convolution_backward (oneDNN, torch 2.14.1 and 2.11.0 on an AVX-512
+# BF16 CPU) got wrong, found by random searches against float64: each fails with the `torch` backend
+# (the uninitialized values in 1-8 of 8 seeds, the NaN cases in all). The C++ ops' backward runs them
+# in fp32.
+# (N, C, H, W, K, kernel, stride, padding, dilation, groups, layout, non-finite input values,
+# non-finite gradient values)
+ONEDNN_BF16_BACKWARD_CASES = {
+    # channels_last, one or two output columns, column stride above 1: uninitialized weight gradients
+    "one_column": (3, 5, 4, 1, 6, (2, 3), (1, 2), 1, (2, 1), 1, "channels_last", [], []),
+    "two_columns_groups2": (3, 12, 5, 1, 10, (1, 3), (1, 2), (0, 2), 1, 2, "channels_last", [], []),
+    "one_column_s2": (1, 5, 5, 1, 6, (3, 3), 2, (0, 2), 1, 1, "channels_last", [], []),
+    # NaN in the input: NaN misplaced in the weight gradient
+    "nan_input_groups3": (1, 6, 6, 2, 15, (1, 3), (1, 2), (0, 1), 1, 3, "channels_last", ["nan", "nan"], []),
+    "nan_input_dilated": (2, 2, 9, 7, 5, (2, 5), 1, (1, 0), (2, 1), 1, "channels_last", ["nan", "nan"], []),
+    "nan_input_s2": (1, 2, 12, 11, 6, (5, 5), (2, 1), (1, 0), (1, 2), 1, "channels_last", ["nan", "nan"], []),
+    # NaN in the gradient: NaN misplaced in the input gradient
+    "nan_grad_groups3": (2, 12, 12, 9, 3, (2, 5), 1, 0, (2, 1), 3, "channels_last", [], ["nan", "nan"]),
+    "nan_grad_s2": (3, 4, 7, 4, 2, (2, 1), (2, 1), 0, (1, 2), 2, "channels_last", [], ["nan", "nan"]),
+    "nan_grad_nchw_depthwise": (3, 6, 10, 6, 6, (1, 1), (1, 3), (0, 2), (2, 1), 6, "nchw", [], ["nan", "nan"]),
+    "nan_grad_nchw_1_output_channel": (2, 6, 12, 9, 1, (1, 2), (2, 1), 0, 1, 1, "nchw", [], ["nan", "nan"]),
+}
+
+
+def _place(t, values, first_rows):
+    n, c, h, w = t.shape
+    for i, value in enumerate(values):  # spread over images, channels and rows
+        t[i % n, i % c, (first_rows + 3 * i) % h, (5 * i) % w] = float(value)
+    return t
+
+
+def bf16_conv_gradients(case, backend, device):
+    """Our gradients (input, weight, bias, residual) of conv2d_add_relu in bf16 for one
+    ONEDNN_BF16_BACKWARD_CASES case, with PyTorch's in float64 and in fp32 rounded to bf16."""
+    n, c, h, w, k, (r, s), stride, padding, dilation, groups, layout, x_values, grad_values = \
+        ONEDNN_BF16_BACKWARD_CASES[case]
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    x = _place(torch.randn(n, c, h, w, device=device), x_values, 1).bfloat16().contiguous(memory_format=memory_format)
+    weight = (torch.randn(k, c // groups, r, s, device=device) / (c // groups * r * s) ** 0.5).bfloat16()
+    bias = torch.randn(k, device=device).bfloat16()
+    out_shape = torch.nn.functional.conv2d(x.float(), weight.float(), None, **geometry).shape
+    # every output above 0, so that the ReLU passes the whole gradient on, NaN included
+    residual = (8 + torch.randn(out_shape, device=device)).bfloat16().contiguous(memory_format=memory_format)
+    grad = _place(torch.randn(out_shape, device=device), grad_values, 0).bfloat16()
+
+    def gradients(conv2d_add_relu, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, weight, bias, residual)]
+        conv2d_add_relu(leaves[0], leaves[1], leaves[3], leaves[2], **geometry).backward(
+            grad.to(dtype).contiguous(memory_format=memory_format))
+        return [t.grad for t in leaves]
+
+    with cnnkernels.use_backend(backend), poisoned_outputs():
+        ours = gradients(cnnkernels.conv2d_add_relu, torch.bfloat16)
+    with cnnkernels.use_backend("torch"):
+        ref = gradients(cnnkernels.conv2d_add_relu, torch.float64)
+        torch_bf16 = [g.bfloat16() for g in gradients(cnnkernels.conv2d_add_relu, torch.float32)]
+    return ours, ref, torch_bf16
+
+
+# The Triton ops' backward calls aten.convolution_backward as it is; on CPU tensors they run only in
+# Triton's interpreter, for testing.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("device,backend", [("cpu", "cuda"), ("cpu", "auto")] + [
+    pytest.param("cuda", b, marks=pytest.mark.gpu) for b in ("cuda", "triton", "auto")])
+@pytest.mark.parametrize("case", ONEDNN_BF16_BACKWARD_CASES)
+def test_bf16_conv_gradients_onednn_got_wrong(case, backend, device):
+    ours, ref, torch_bf16 = bf16_conv_gradients(case, backend, device)
+    for name, g, g64, g_bf16 in zip(("input", "weight", "bias", "residual"), ours, ref, torch_bf16):
+        try:
+            assert_matches_reference(g, g64, g_bf16)
+        except AssertionError as e:
+            raise AssertionError(f"{name} gradient: {e}") from None
+
+
 # --- differentiation our kernels lack: torch.func transforms and forward-mode AD ---------------------
 
 def _forward_ad_tangent(fn, primal, tangent):

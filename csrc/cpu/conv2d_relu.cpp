@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <atomic>
+#include <initializer_list>
 #include <torch/library.h>
 
 #include "../conv_args.h"
@@ -62,8 +63,9 @@ bool cpu_runs_onednn_bf16() {
 #endif
 }
 
-// Whether a dense bf16 tensor holds no NaN or infinity (all exponent bits set).
+// Whether a bf16 tensor holds no NaN or infinity (all exponent bits set).
 bool all_finite_bf16(const at::Tensor& t) {
+  if (!t.is_non_overlapping_and_dense()) return at::isfinite(t).all().item<bool>();
   const auto* bits = reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>());
   std::atomic<bool> finite{true};
   at::parallel_for(0, t.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
@@ -72,6 +74,22 @@ bool all_finite_bf16(const at::Tensor& t) {
     if (non_finite) finite.store(false, std::memory_order_relaxed);
   });
   return finite.load(std::memory_order_relaxed);
+}
+
+// oneDNN's bf16 convs (torch 2.14.1 and 2.11.0, AVX-512 BF16; found by random searches against
+// float64) get two kinds of input wrong, forward and backward: NaN and infinities spread to
+// outputs (or gradients) that do not depend on them (a third of small-channel convs, either
+// layout), and channels_last convs with a column stride above 1 give uninitialized values where
+// the output is one column wide (the output) or up to two (the weight gradient). Whether this
+// bf16 conv is one of those, given whether it is that narrow and its operands that may hold NaN
+// (the input; in the backward, the gradient too). Such convs run in fp32, which oneDNN gets
+// right, rounded to bf16 once as the bf16 kernels round their fp32 sums.
+bool onednn_bf16_gets_wrong(bool narrow_strided_channels_last, std::initializer_list<at::Tensor> may_hold_nan) {
+  if (narrow_strided_channels_last) return true;
+  for (const at::Tensor& t : may_hold_nan) {
+    if (!all_finite_bf16(t)) return true;
+  }
+  return false;
 }
 
 // Whether the reordered-weight oneDNN path runs this conv: oneDNN is there and takes the dtype,
@@ -142,15 +160,10 @@ at::Tensor conv2d_bias_act_cpu(const char* op, const at::Tensor& input, const at
       out.defined()) {
     return out;
   }
-  // oneDNN's bf16 convs (torch 2.14.1 and 2.11.0, AVX-512 BF16; found by random searches against
-  // float64) get two kinds of input wrong: NaN and infinities spread to outputs whose windows do
-  // not hold them (a third of small-channel convs, either layout), and channels_last outputs one
-  // column wide with a column stride above 1 come out as uninitialized values. Those run in fp32,
-  // which oneDNN gets right, rounded to bf16 once as the bf16 kernels round their fp32 sums.
   const at::Tensor x_in = input.contiguous(format);
   const bool bf16_in_fp32 = input.scalar_type() == at::kBFloat16 &&
-                            ((format == at::MemoryFormat::ChannelsLast && shape.OW == 1 && stride[1] > 1) ||
-                             !all_finite_bf16(x_in));
+                            onednn_bf16_gets_wrong(
+                                format == at::MemoryFormat::ChannelsLast && shape.OW == 1 && stride[1] > 1, {x_in});
   const at::Tensor x = bf16_in_fp32 ? x_in.to(at::kFloat) : x_in;
   const at::Tensor w = bf16_in_fp32 ? weight.to(at::kFloat) : weight;
   const c10::optional<at::Tensor> b =
@@ -215,6 +228,22 @@ std::tuple<at::Tensor, at::Tensor> tiny_conv_backward(const at::Tensor& grad, co
 }
 
 int64_t tiny_conv_runs() { return tiny_runs.load(std::memory_order_relaxed); }
+
+std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad, const at::Tensor& input,
+                                                 const at::Tensor& weight, at::IntArrayRef stride,
+                                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                                 bool input_grad, bool weight_grad) {
+  const bool channels_last = conv_output_memory_format(input, weight) == at::MemoryFormat::ChannelsLast;
+  const bool in_fp32 = input.scalar_type() == at::kBFloat16 &&
+                       onednn_bf16_gets_wrong(channels_last && grad.size(3) <= 2 && stride[1] > 1, {input, grad});
+  const auto fp32 = [&](const at::Tensor& t) { return in_fp32 ? t.to(at::kFloat) : t; };
+  auto [grad_input, grad_weight, grad_bias] = at::convolution_backward(
+      fp32(grad), fp32(input), fp32(weight), c10::nullopt, stride, padding, dilation, /*transposed=*/false, {0, 0},
+      groups, {input_grad, weight_grad, false});
+  if (in_fp32 && grad_input.defined()) grad_input = grad_input.to(input.scalar_type());
+  if (in_fp32 && grad_weight.defined()) grad_weight = grad_weight.to(weight.scalar_type());
+  return {grad_input, grad_weight};
+}
 
 TORCH_LIBRARY_IMPL(cnnkernels, CPU, m) {
   m.impl("conv2d_relu", &conv2d_relu_cpu);
