@@ -86,9 +86,9 @@ ConvGrads conv_grads(AutogradContext* ctx, const at::Tensor& grad, size_t bias_i
   const bool input_left = input_grad && !grads.input.defined();
   if (input_left || weight_grad) {
     at::Tensor grad_input;
-    if (real_cpu) {
+    if (input.device().is_cpu() && input.layout() == at::kStrided) {  // also what torch.compile traces
       std::tie(grad_input, grads.weight) = cpu::conv_backward(grads.pre_relu, input, weight, stride, padding,
-                                                              dilation, groups, input_left, weight_grad);
+                                                              dilation, groups, input_left, weight_grad, real_cpu);
     } else {
       std::tie(grad_input, grads.weight, std::ignore) = at::convolution_backward(
           grads.pre_relu, input, weight, c10::nullopt, stride, padding, dilation, /*transposed=*/false,

@@ -1,8 +1,10 @@
 """Shared test helpers: devices, the float64 reference check, poisoned outputs."""
+import atexit
 import contextlib
 import fcntl
 import gc
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -13,6 +15,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # Triton's interpreter must be chosen before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# torch.compile's on-disk AOTAutograd cache keys a compiled graph by the ops it calls, not by the
+# backward it traced through our ops' autograd, so one traced from an earlier build would be reused
+# (seen). Each test run compiles afresh, in a cache of its own.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="cnnkernels-tests-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 REQUIRE_CUDA = os.environ.get("CNNKERNELS_REQUIRE_CUDA", "0") == "1"
 HAVE_CUDA = torch.cuda.is_available()

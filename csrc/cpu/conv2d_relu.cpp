@@ -232,10 +232,14 @@ int64_t tiny_conv_runs() { return tiny_runs.load(std::memory_order_relaxed); }
 std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad, const at::Tensor& input,
                                                  const at::Tensor& weight, at::IntArrayRef stride,
                                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                                 bool input_grad, bool weight_grad) {
-  const bool channels_last = conv_output_memory_format(input, weight) == at::MemoryFormat::ChannelsLast;
-  const bool in_fp32 = input.scalar_type() == at::kBFloat16 &&
-                       onednn_bf16_gets_wrong(channels_last && grad.size(3) <= 2 && stride[1] > 1, {input, grad});
+                                                 bool input_grad, bool weight_grad, bool values_readable) {
+  bool in_fp32 = false;
+  if (input.scalar_type() == at::kBFloat16) {  // only then the sizes: torch.compile may trace them symbolic
+    const bool narrow = stride[1] > 1 &&
+                        conv_output_memory_format(input, weight) == at::MemoryFormat::ChannelsLast &&
+                        grad.sym_size(3) <= 2;
+    in_fp32 = values_readable ? onednn_bf16_gets_wrong(narrow, {input, grad}) : narrow;
+  }
   const auto fp32 = [&](const at::Tensor& t) { return in_fp32 ? t.to(at::kFloat) : t; };
   auto [grad_input, grad_weight, grad_bias] = at::convolution_backward(
       fp32(grad), fp32(input), fp32(weight), c10::nullopt, stride, padding, dilation, /*transposed=*/false, {0, 0},

@@ -15,13 +15,14 @@ std::tuple<at::Tensor, at::Tensor> tiny_conv_backward(const at::Tensor& grad, co
                                                       at::IntArrayRef padding, at::IntArrayRef dilation,
                                                       int64_t groups, bool input_grad, bool weight_grad);
 
-// aten::convolution_backward's input and weight gradients (each only if asked) of a conv on plain
-// CPU tensors, except that the bf16 convs oneDNN gets wrong (conv2d_relu.cpp's
-// onednn_bf16_gets_wrong) run in fp32, rounded to bf16.
+// aten::convolution_backward's input and weight gradients (each only if asked) of a conv on CPU
+// tensors, except that the bf16 convs oneDNN gets wrong (conv2d_relu.cpp's onednn_bf16_gets_wrong)
+// run in fp32, rounded to bf16. Without values_readable (the fake tensors torch.compile traces
+// with) only the cases known from the shapes do.
 std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad, const at::Tensor& input,
                                                  const at::Tensor& weight, at::IntArrayRef stride,
                                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                                 bool input_grad, bool weight_grad);
+                                                 bool input_grad, bool weight_grad, bool values_readable);
 
 // How many tiny-conv passes (forward, or backward) this process has run through ATen's
 // im2col + GEMM kernels (tests check which path ran).
