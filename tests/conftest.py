@@ -101,6 +101,15 @@ def relative_error(out, ref):
     return (diff.norm() / torch.where(finite, ref, 0.0).norm().clamp_min(1e-30)).item()
 
 
+def place_values(t, values, first_row=1):
+    """Writes `values` (e.g. "nan", "-inf") into the 4-D tensor t, spread over images, channels
+    and rows; returns t."""
+    n, c, h, w = t.shape
+    for i, value in enumerate(values):
+        t[i % n, i % c, (first_row + 3 * i) % h, (5 * i) % w] = float(value)
+    return t
+
+
 def assert_matches_reference(out, ref64, torch_same_dtype):
     """The tolerance rule: our error against the float64 reference is at most twice PyTorch's
     own error in the same dtype (up to a ceiling), plus a small floor. NaN and infinities must

@@ -5,7 +5,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import cnnkernels
 from cnnkernels._args import memory_format_of
-from conftest import DEVICES, assert_matches_reference, interpreting_triton, poisoned_outputs
+from conftest import DEVICES, assert_matches_reference, interpreting_triton, place_values, poisoned_outputs
 
 # (2, 3, 40, 40): several programs per image, the last one partly filled.
 SHAPES = [(2, 5, 7, 9), (1, 67, 3, 3), (3, 1, 1, 1), (2, 3, 5, 1), (2, 130, 6, 6), (0, 4, 3, 3), (2, 3, 40, 40)]
@@ -202,13 +202,6 @@ ONEDNN_BF16_BACKWARD_CASES = {
 }
 
 
-def _place(t, values, first_rows):
-    n, c, h, w = t.shape
-    for i, value in enumerate(values):  # spread over images, channels and rows
-        t[i % n, i % c, (first_rows + 3 * i) % h, (5 * i) % w] = float(value)
-    return t
-
-
 def bf16_conv_gradients(case, backend, device, ours=cnnkernels.conv2d_add_relu):
     """Our gradients (input, weight, bias, residual) of conv2d_add_relu (or `ours`) in bf16 for one
     ONEDNN_BF16_BACKWARD_CASES case, with PyTorch's in float64 and in fp32 rounded to bf16."""
@@ -216,13 +209,14 @@ def bf16_conv_gradients(case, backend, device, ours=cnnkernels.conv2d_add_relu):
         ONEDNN_BF16_BACKWARD_CASES[case]
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-    x = _place(torch.randn(n, c, h, w, device=device), x_values, 1).bfloat16().contiguous(memory_format=memory_format)
+    x = place_values(torch.randn(n, c, h, w, device=device), x_values).bfloat16()
+    x = x.contiguous(memory_format=memory_format)
     weight = (torch.randn(k, c // groups, r, s, device=device) / (c // groups * r * s) ** 0.5).bfloat16()
     bias = torch.randn(k, device=device).bfloat16()
     out_shape = torch.nn.functional.conv2d(x.float(), weight.float(), None, **geometry).shape
     # every output above 0, so that the ReLU passes the whole gradient on, NaN included
     residual = (8 + torch.randn(out_shape, device=device)).bfloat16().contiguous(memory_format=memory_format)
-    grad = _place(torch.randn(out_shape, device=device), grad_values, 0).bfloat16()
+    grad = place_values(torch.randn(out_shape, device=device), grad_values, first_row=0).bfloat16()
 
     def gradients(conv2d_add_relu, dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (x, weight, bias, residual)]
@@ -238,6 +232,14 @@ def bf16_conv_gradients(case, backend, device, ours=cnnkernels.conv2d_add_relu):
     return ours_bf16, ref, torch_bf16
 
 
+def assert_gradients_match(ours, ref, torch_bf16):
+    for name, g, g64, g_bf16 in zip(("input", "weight", "bias", "residual"), ours, ref, torch_bf16):
+        try:
+            assert_matches_reference(g, g64, g_bf16)
+        except AssertionError as e:
+            raise AssertionError(f"{name} gradient: {e}") from None
+
+
 # The Triton ops' backward calls aten.convolution_backward as it is; on CPU tensors they run only in
 # Triton's interpreter, for testing.
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -246,14 +248,6 @@ def bf16_conv_gradients(case, backend, device, ours=cnnkernels.conv2d_add_relu):
 @pytest.mark.parametrize("case", ONEDNN_BF16_BACKWARD_CASES)
 def test_bf16_conv_gradients_onednn_got_wrong(case, backend, device):
     assert_gradients_match(*bf16_conv_gradients(case, backend, device))
-
-
-def assert_gradients_match(ours, ref, torch_bf16):
-    for name, g, g64, g_bf16 in zip(("input", "weight", "bias", "residual"), ours, ref, torch_bf16):
-        try:
-            assert_matches_reference(g, g64, g_bf16)
-        except AssertionError as e:
-            raise AssertionError(f"{name} gradient: {e}") from None
 
 
 # torch.compile traces the backward with fake tensors, whose values cannot be checked for NaN: there

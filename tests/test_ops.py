@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import cnnkernels
 from conftest import (BACKENDS, DEVICES, assert_matches_reference, conv_output_memory_format, memory_format_of,
-                      poisoned_outputs)
+                      place_values, poisoned_outputs)
 
 # (N, C, H, W, K, kernel, stride, padding, dilation, groups)
 CASES = {
@@ -300,10 +300,7 @@ ONEDNN_BF16_CASES = {
 def test_bf16_convs_onednn_got_wrong(case, backend, device):
     seeded()
     n, c, h, w, k, (r, s), stride, padding, dilation, groups, layout, specials = ONEDNN_BF16_CASES[case]
-    x = torch.randn(n, c, h, w, device=device)
-    for i, value in enumerate(specials):  # spread over images, channels and rows
-        x[i % n, i % c, (3 * i + 1) % h, (5 * i) % w] = float(value)
-    x = in_layout(x.bfloat16(), layout)
+    x = in_layout(place_values(torch.randn(n, c, h, w, device=device), specials).bfloat16(), layout)
     weight = torch.randn(k, c // groups, r, s, device=device).bfloat16()
     bias = torch.randn(k, device=device).bfloat16()
     geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
