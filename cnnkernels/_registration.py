@@ -101,6 +101,23 @@ def _backward_add_relu(ctx, grad):
     return grad_pre_relu, grad_pre_relu
 
 
+def _setup_relu_backward_bias_grad(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _backward_relu_backward_bias_grad(ctx, grad_grad_pre_relu, grad_grad_bias):
+    """relu_backward_bias_grad is linear in grad: its gradient masks the incoming gradients (the
+    bias gradient's broadcast over N, H, W) as threshold_backward does, and none flows to the
+    output (threshold_backward's rule). Double backward (create_graph=True) through the conv ops
+    differentiates it."""
+    (output,) = ctx.saved_tensors
+    g = grad_grad_pre_relu
+    if grad_grad_bias is not None:
+        per_channel = grad_grad_bias.view(1, -1, 1, 1)
+        g = per_channel.expand_as(output) if g is None else g + per_channel
+    return (None if g is None else torch.ops.aten.threshold_backward(g, output, 0)), None
+
+
 class AutogradRule(NamedTuple):
     op: str  # the op's name without backend suffix
     setup_context: Callable
@@ -109,16 +126,18 @@ class AutogradRule(NamedTuple):
 
 def autograd_rules(relu_backward_bias_grad):
     """{op name without suffix: AutogradRule} for conv2d_relu, conv2d_add_relu and add_relu, whose
-    backward runs the given fused ReLU backward."""
+    backward runs the given fused ReLU backward, and for that relu_backward_bias_grad."""
     conv2d_relu_backward, conv2d_add_relu_backward = _conv_backwards(relu_backward_bias_grad)
     rules = [AutogradRule("conv2d_relu", _setup_conv2d_relu, conv2d_relu_backward),
              AutogradRule("conv2d_add_relu", _setup_conv2d_add_relu, conv2d_add_relu_backward),
-             AutogradRule("add_relu", _setup_add_relu, _backward_add_relu)]
+             AutogradRule("add_relu", _setup_add_relu, _backward_add_relu),
+             AutogradRule("relu_backward_bias_grad", _setup_relu_backward_bias_grad,
+                          _backward_relu_backward_bias_grad)]
     return {rule.op: rule for rule in rules}
 
 
 def register_autograd(suffix, rules):
-    """Registers `rules` as the autograd of cnnkernels::{conv2d_relu,conv2d_add_relu,add_relu}{suffix}."""
+    """Registers `rules` as the autograd of the ops cnnkernels::{rule.op}{suffix}."""
     for rule in rules.values():
         torch.library.register_autograd(f"cnnkernels::{rule.op}{suffix}", rule.backward, setup_context=rule.setup_context)
 

@@ -1,7 +1,8 @@
-// Autograd for the C++ ops (cnnkernels::conv2d_relu, conv2d_add_relu, add_relu), registered in
-// C++ so that a call pays no Python: the same rules registered from Python cost 20-40 us more per
-// conv call (measured on the CPU here), which small layers and small models feel. The Triton ops
-// keep the Python registration (cnnkernels/_registration.py), with the same rules:
+// Autograd for the C++ ops (cnnkernels::conv2d_relu, conv2d_add_relu, add_relu and the
+// backward's relu_backward_bias_grad), registered in C++ so that a call pays no Python: the same
+// rules registered from Python cost 20-40 us more per conv call (measured on the CPU here), which
+// small layers and small models feel. The Triton ops keep the Python registration
+// (cnnkernels/_registration.py), with the same rules:
 //   - only the input, the weight and the output are saved; the ReLU mask comes from the output;
 //   - with a bias that needs a gradient, cnnkernels::relu_backward_bias_grad masks the gradient
 //     and sums it per channel in one pass; without one, aten::threshold_backward masks it;
@@ -159,6 +160,32 @@ class AddReLU : public torch::autograd::Function<AddReLU> {
   }
 };
 
+// relu_backward_bias_grad is linear in grad: its gradient masks the incoming gradients (the bias
+// gradient's broadcast over N, H, W) as threshold_backward does, and none flows to the output
+// (threshold_backward's rule). It is what double backward (create_graph=True) through the conv
+// ops differentiates; without it autograd's fallback left those gradients silently wrong.
+class ReluBackwardBiasGrad : public torch::autograd::Function<ReluBackwardBiasGrad> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& output) {
+    static const auto op = op_handle("cnnkernels::relu_backward_bias_grad")
+                               .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [grad_pre_relu, grad_bias] = op.call(grad, output);
+    ctx->save_for_backward({output});
+    return {grad_pre_relu, grad_bias};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const at::Tensor output = ctx->get_saved_variables()[0];
+    at::Tensor g = grad_outputs[0];
+    if (grad_outputs[1].defined()) {
+      const at::Tensor per_channel = grad_outputs[1].view({1, -1, 1, 1});
+      g = g.defined() ? g + per_channel : per_channel.expand_as(output);
+    }
+    return {g.defined() ? at::threshold_backward(g, output, 0) : at::Tensor(), at::Tensor()};
+  }
+};
+
 at::Tensor conv2d_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
@@ -175,12 +202,18 @@ at::Tensor add_relu_autograd(const at::Tensor& input, const at::Tensor& other) {
   return AddReLU::apply(input, other);
 }
 
+std::tuple<at::Tensor, at::Tensor> relu_backward_bias_grad_autograd(const at::Tensor& grad, const at::Tensor& output) {
+  const variable_list grads = ReluBackwardBiasGrad::apply(grad, output);
+  return {grads[0], grads[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cnnkernels, Autograd, m) {
   m.impl("conv2d_relu", &conv2d_relu_autograd);
   m.impl("conv2d_add_relu", &conv2d_add_relu_autograd);
   m.impl("add_relu", &add_relu_autograd);
+  m.impl("relu_backward_bias_grad", &relu_backward_bias_grad_autograd);
 }
 
 }  // namespace cnnkernels

@@ -125,8 +125,23 @@ def test_relu_backward_bias_grad_rejects_bad_input(backend):
 
 def test_opcheck_relu_backward_bias_grad():
     for fmt in (torch.contiguous_format, torch.channels_last):
-        grad, output = (torch.randn(2, 5, 4, 3).contiguous(memory_format=fmt) for _ in range(2))
-        torch.library.opcheck(torch.ops.cnnkernels.relu_backward_bias_grad.default, (grad, output))
+        for requires_grad in (False, True):
+            grad, output = (torch.randn(2, 5, 4, 3, requires_grad=requires_grad).contiguous(memory_format=fmt)
+                            for _ in range(2))
+            torch.library.opcheck(torch.ops.cnnkernels.relu_backward_bias_grad.default, (grad, output))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_relu_backward_bias_grad_is_differentiable_in_grad(backend, device):
+    """Its gradient in grad, which double backward through the conv ops takes; none in output."""
+    grad = torch.randn(2, 3, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    output = torch.randn(2, 3, 4, 5, dtype=torch.float64, device=device)
+    output[0, 0, 0, 0] = float("nan")  # passes the gradient through, as threshold_backward does
+    assert torch.autograd.gradcheck(lambda g: fused_op(backend)(g, output), (grad,))
+    output.requires_grad_()
+    _, grad_bias = fused_op(backend)(grad, output)
+    assert torch.autograd.grad(grad_bias.sum(), output, allow_unused=True)[0] is None
 
 
 class OpLog(TorchDispatchMode):

@@ -117,6 +117,38 @@ def test_gradcheck_in_float64():
     assert torch.autograd.gradcheck(lambda *a: batch_norm_relu_train(*a, None, 1e-5), (x, w, b))
 
 
+def test_double_backward_in_float64():
+    """create_graph=True takes PyTorch's differentiable batch-norm backward (before: an error)."""
+    from cnnkernels.triton_ops.batch_norm import batch_norm_relu_train
+
+    def t(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    x, r, w, b = t(2, 2, 2, 3), t(2, 2, 2, 3), t(2), t(2)  # small: every perturbation runs the interpreter
+    assert torch.autograd.gradgradcheck(lambda *a: batch_norm_relu_train(*a, 1e-5), (x, w, b, r))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_double_backward_matches_float64(dtype):
+    from cnnkernels.triton_ops.batch_norm import batch_norm_relu_train
+
+    gen = torch.Generator().manual_seed(0)
+    x, w, b, r, v = (torch.randn(shape, generator=gen).to(dtype)
+                     for shape in [(2, 3, 4, 5), (3,), (3,), (2, 3, 4, 5), (2, 3, 4, 5)])
+
+    def second_order_grads(fused, dtype):
+        leaves = [t.to(dtype).clone().requires_grad_() for t in (x, w, b, r)]
+        xx, ww, bb, rr = leaves
+        y = (batch_norm_relu_train(xx, ww, bb, rr, 1e-5) if fused else
+             torch.relu(nn.functional.batch_norm(xx, None, None, ww, bb, True, 0.0, 1e-5) + rr))
+        grad_x, grad_w = torch.autograd.grad((y * y * v.to(dtype)).sum(), (xx, ww), create_graph=True)
+        ((grad_x * v.to(dtype)).sum() + grad_w.sum()).backward()
+        return [t.grad for t in leaves]
+    with poisoned_outputs():
+        ours = second_order_grads(True, dtype)
+    for mine, pytorch, ref in zip(ours, second_order_grads(False, dtype), second_order_grads(False, torch.float64)):
+        assert_matches_reference(mine, ref, pytorch)
+
+
 def test_unsupported_calls_run_as_pytorch_does():
     x = torch.randn(2, 3, 4, 4)
     bn = make_bn(3, torch.float32, "cpu")

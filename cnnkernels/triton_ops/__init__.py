@@ -14,7 +14,8 @@ from .conv import unsupported_reasons
 
 
 def _relu_backward_bias_grad(grad, output):
-    return _runtime.call_op(_relu_backward.relu_backward_bias_grad_triton, grad, output)
+    return _runtime.call_op(_relu_backward.relu_backward_bias_grad_triton, grad, output,
+                            autograd=_AUTOGRAD["relu_backward_bias_grad"])
 
 
 _AUTOGRAD = autograd_rules(_relu_backward_bias_grad)

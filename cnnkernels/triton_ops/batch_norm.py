@@ -296,8 +296,16 @@ class _BatchNormReLUTrain(torch.autograd.Function):
     def backward(ctx, grad):
         input, out, mean, var, weight = ctx.saved_tensors
         wants_residual = ctx.has_residual and ctx.needs_input_grad[3]
-        grad_input, grad_weight, grad_bias, grad_residual = _runtime.call_op(
-            batch_norm_relu_backward_triton, grad, input, out, mean, var, weight, ctx.eps, wants_residual)
+        if torch.is_grad_enabled():  # create_graph=True: PyTorch's ops, whose gradients have gradients
+            grad_residual = torch.ops.aten.threshold_backward(grad, out, 0)
+            acc = mean.dtype  # float32 for half inputs, as the kernels compute
+            grads = torch.ops.aten.native_batch_norm_backward(
+                grad_residual.to(acc), input.to(acc), weight.to(acc), None, None, mean, torch.rsqrt(var + ctx.eps),
+                True, ctx.eps, list(ctx.needs_input_grad[:3]))
+            grad_input, grad_weight, grad_bias = (None if g is None else g.to(input.dtype) for g in grads)
+        else:
+            grad_input, grad_weight, grad_bias, grad_residual = _runtime.call_op(
+                batch_norm_relu_backward_triton, grad, input, out, mean, var, weight, ctx.eps, wants_residual)
         return grad_input, grad_weight, grad_bias, grad_residual if wants_residual else None, None, None, None, None
 
 
