@@ -207,6 +207,13 @@ def unsupported_differentiation(*tensors):
 FORWARD_AD_UNSUPPORTED = "forward-mode AD (a dual tensor's tangent): the op has no jvp formula"
 
 
+def layout_reasons(tensors, names):
+    """What our kernels (the cuda and triton backends) cannot take in these tensors' layouts: they
+    need dense (strided) tensors, not sparse or mkldnn ones."""
+    return [f"{name} has layout {t.layout}; only dense (strided) tensors are supported"
+            for t, name in zip(tensors, names) if t is not None and t.layout != torch.strided]
+
+
 def has_tangent(*tensors):
     """Whether a forward-mode AD level is open and one of the tensors carries a tangent there."""
     return forward_ad._current_level >= 0 and any(

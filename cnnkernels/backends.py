@@ -16,7 +16,7 @@ import os
 import torch
 
 from . import _extension, auto_choice, reference
-from ._args import plain_eager, unsupported_differentiation
+from ._args import layout_reasons, plain_eager, unsupported_differentiation
 
 NAMES = ("auto", "triton", "cuda", "torch")
 
@@ -67,7 +67,8 @@ class ExtensionBackend:
         return None
 
     def conv_unsupported(self, call):
-        return unsupported_differentiation(call.input, call.weight, call.bias, call.residual)
+        tensors = (call.input, call.weight, call.bias, call.residual)
+        return layout_reasons(tensors, ("input", "weight", "bias", "residual")) + unsupported_differentiation(*tensors)
 
     @staticmethod
     def _ops(*tensors):
@@ -82,7 +83,7 @@ class ExtensionBackend:
         return ops.conv2d_add_relu(call.input, call.weight, call.residual, call.bias, *call.op_args)
 
     def add_relu_unsupported(self, input, other):
-        return unsupported_differentiation(input, other)
+        return layout_reasons((input, other), ("input", "other")) + unsupported_differentiation(input, other)
 
     def add_relu(self, input, other):
         return self._ops(input, other).add_relu(input, other)

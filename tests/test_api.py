@@ -1,5 +1,6 @@
 """The public API: argument forms, bad input, backend choice, modules, opcheck and gradcheck."""
 import os
+import re
 import subprocess
 import sys
 
@@ -216,6 +217,33 @@ def test_auto_picks_the_cpu_kernels_and_falls_back_for_unsupported_calls(monkeyp
     assert len(calls) == 1  # "auto" fell back to the reference
     with cnnkernels.use_backend("cuda"), pytest.raises(NotImplementedError, match="pretend dtype"):
         cnnkernels.conv2d_relu(x, w, b)
+
+
+@pytest.mark.parametrize("layout", ["sparse", "mkldnn"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_and_mkldnn_tensors_run_as_pytorch_runs_them_under_auto(backend, layout):
+    """Our kernels take dense tensors only: "auto" runs other layouts as PyTorch does (sparse
+    add works, sparse conv raises F.conv2d's error, mkldnn both work); our backends refuse them.
+    Before, "auto" and "cuda" raised the dispatcher's "Could not run ... 'SparseCPU' backend"."""
+    x, w, _ = _conv_inputs()
+    to_layout = (lambda t: t.to_sparse()) if layout == "sparse" else (lambda t: t.to_mkldnn())
+    cases = [(lambda v: cnnkernels.add_relu(v, v), lambda v: torch.relu(v + v)),
+             (lambda v: cnnkernels.conv2d_relu(v, w, padding=1), lambda v: torch.relu(F.conv2d(v, w, padding=1)))]
+    with cnnkernels.use_backend(backend):
+        for ours, pytorch in cases:
+            if backend in ("cuda", "triton"):
+                with pytest.raises(NotImplementedError, match="only dense .strided. tensors are supported"):
+                    ours(to_layout(x))
+                continue
+            try:
+                expected = pytorch(to_layout(x))
+            except RuntimeError as error:
+                with pytest.raises(RuntimeError, match=re.escape(str(error))):
+                    ours(to_layout(x))
+                continue
+            got = ours(to_layout(x))
+            assert got.layout == expected.layout
+            torch.testing.assert_close(got.to_dense(), expected.to_dense())
 
 
 def test_repeated_calls_reuse_their_checks_and_backend_choice_until_something_changes(monkeypatch):

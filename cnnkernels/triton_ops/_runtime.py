@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._args import FORWARD_AD_UNSUPPORTED, has_tangent, plain_eager
+from .._args import FORWARD_AD_UNSUPPORTED, has_tangent, layout_reasons, plain_eager
 from .._registration import autograd_function
 
 try:
@@ -145,11 +145,10 @@ def device_reasons(kernel, tensors, names) -> list:
     if len(devices) > 1:
         found = ", ".join(sorted(str(d) for d in devices))
         reasons.append(f"all tensors must be on the same device, found {found}")
+    reasons += layout_reasons(tensors, names)
     for t, name in zip(tensors, names):
         if t is None:
             continue
-        if t.layout != torch.strided:
-            reasons.append(f"{name} has layout {t.layout}; only dense (strided) tensors are supported")
         if t.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
     dtypes = {t.dtype for t in tensors if t is not None}
