@@ -5,13 +5,23 @@ import torch.nn.functional as F
 from ._args import conv_output_memory_format
 
 
+def onednn_may_crash_in_channels_last(input, stride, dilation):
+    """Whether oneDNN's channels_last conv (F.conv2d on the CPU, fp32 and bf16, torch 2.14.1 and
+    2.11.0) may segfault on this call: an input at most two columns wide (4 with a margin), column
+    stride and dilation above 1. The C++ op's rule too (csrc/cpu/conv2d_relu.cpp)."""
+    return input.device.type == "cpu" and stride[1] > 1 and dilation[1] > 1 and input.shape[-1] <= 4
+
+
 def conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, groups):
     """relu(conv2d(input, weight, bias) [+ residual]) in the memory format conv_output_memory_format names
     (F.conv2d's own output may differ on CUDA: NCHW for float64, and for its non-cuDNN kernels)."""
+    memory_format = conv_output_memory_format(input, weight)
+    if onednn_may_crash_in_channels_last(input, stride, dilation):  # computed in NCHW instead
+        input, weight = input.contiguous(), weight.contiguous()
     out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     if residual is not None:
         out = out + residual
-    return torch.relu(out).contiguous(memory_format=conv_output_memory_format(input, weight))
+    return torch.relu(out).contiguous(memory_format=memory_format)
 
 
 def add_relu(input, other):

@@ -227,26 +227,30 @@ def test_residual_and_other_may_alias_the_input(backend, device):
     assert torch.equal(out, torch.relu(x + x))
 
 
-# Convs that crashed F.conv2d (oneDNN, torch 2.14.1 on the CPU) with a segfault: dilation along a
-# kernel dimension of size 1, on channels_last tensors 1-2 wide. Found by a random search; each
-# crashed every time it ran alone. (dtype, N, C, K, groups, (H, W), (R, S), stride, padding,
-# dilation, channels_last input, channels_last weight)
-DILATED_SIZE_1_KERNELS = [
+# Convs that crashed F.conv2d (oneDNN, torch 2.14.1 on the CPU) with a segfault, found by random
+# searches; each crashed every time it ran alone. First, dilation along a kernel dimension of size
+# 1, on channels_last tensors 1-2 wide; then channels_last inputs 1-2 columns wide with column
+# stride and dilation above 1 (fp32 with a bias, bf16 with or without). (dtype, N, C, K, groups,
+# (H, W), (R, S), stride, padding, dilation, channels_last input, channels_last weight)
+ONEDNN_CRASHES = [
     ("float32", 2, 24, 6, 3, (8, 1), (3, 1), (3, 3), (0, 2), (3, 3), True, False),
     ("float32", 1, 24, 9, 3, (2, 1), (3, 1), (4, 3), (3, 2), (2, 2), True, False),
     ("bfloat16", 2, 3, 8, 1, (5, 1), (1, 1), (3, 2), (3, 3), (3, 3), True, True),
     ("float32", 1, 48, 96, 48, (12, 1), (5, 1), (4, 2), (2, 1), (3, 3), True, False),
     ("bfloat16", 1, 32, 2, 2, (3, 2), (2, 1), (4, 3), (2, 1), (3, 3), False, True),
+    ("float32", 3, 8, 20, 1, (7, 1), (4, 2), (1, 2), (2, 3), (1, 2), True, False),
+    ("bfloat16", 3, 9, 7, 1, (9, 2), (1, 2), (3, 3), (1, 4), (3, 3), True, False),
+    ("float32", 3, 5, 26, 1, (7, 2), (4, 2), (1, 4), (0, 5), (2, 3), True, True),
 ]
 
 
-def test_dilation_along_a_size_1_kernel_dimension_does_not_crash():
+def test_convs_that_crashed_onednn_do_not_crash():
     """Runs in a child process, so that a crash fails this test rather than the whole run. Each
     case goes through every backend and through the C++ op called directly."""
     code = f"""
 import os, torch, torch.nn.functional as F, cnnkernels
 from conftest import assert_matches_reference
-for dtype, n, c, k, groups, (h, w), (r, s), stride, padding, dilation, x_cl, w_cl in {DILATED_SIZE_1_KERNELS!r}:
+for dtype, n, c, k, groups, (h, w), (r, s), stride, padding, dilation, x_cl, w_cl in {ONEDNN_CRASHES!r}:
     dtype = getattr(torch, dtype)
     x = torch.randn(n, c, h, w).to(dtype)
     weight = torch.randn(k, c // groups, r, s).to(dtype)
@@ -255,10 +259,10 @@ for dtype, n, c, k, groups, (h, w), (r, s), stride, padding, dilation, x_cl, w_c
     if w_cl: weight = weight.contiguous(memory_format=torch.channels_last)
     geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     ref = torch.relu(F.conv2d(x.double(), weight.double(), bias.double(), **geometry))
-    # F.conv2d in the input's dtype stands in for PyTorch's own error: the same conv without the
-    # dilation, which changes nothing here.
-    same = torch.relu(F.conv2d(x, weight, bias, stride, padding, [1 if r == 1 else dilation[0],
-                                                                  1 if s == 1 else dilation[1]], groups))
+    # F.conv2d in the input's dtype stands in for PyTorch's own error: the same conv in NCHW and
+    # without the dilation along size-1 kernel dimensions, which changes nothing here.
+    same = torch.relu(F.conv2d(x.contiguous(), weight.contiguous(), bias, stride, padding,
+                               [1 if r == 1 else dilation[0], 1 if s == 1 else dilation[1]], groups))
     outs = {{}}
     for backend in cnnkernels.available_backends("cpu"):
         with cnnkernels.use_backend(backend):
