@@ -134,29 +134,50 @@ def _checked_name(name):
     return name
 
 
-_current = _checked_name(os.environ.get("CNNKERNELS_BACKEND", "auto"))
+class _Block:
+    """One open use_backend block; compared by identity, so that a block removes only itself."""
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+
+_base = _checked_name(os.environ.get("CNNKERNELS_BACKEND", "auto"))
+# The open use_backend blocks, oldest first. Process-wide, so that DataParallel replicas and
+# autograd's device threads see the choice. Each block removes only its own entry, so that blocks
+# that threads open and close out of order never leave a finished block's choice behind (a saved
+# "previous" value, restored on exit, did). list.append/remove and slicing are atomic under the GIL.
+_open_blocks = []
 
 
 def get_backend():
-    """The backend chosen now ("auto" unless set)."""
-    return _current
+    """The backend chosen now: the innermost open use_backend block's, else set_backend's
+    (or CNNKERNELS_BACKEND's, "auto" unless set)."""
+    innermost = _open_blocks[-1:]
+    return innermost[0].name if innermost else _base
 
 
 def set_backend(name):
-    """Chooses the backend for every following call, process-wide."""
-    global _current
-    _current = _checked_name(name)
+    """Chooses the backend for every following call, process-wide; inside a use_backend block,
+    until the block ends."""
+    global _base
+    name = _checked_name(name)
+    innermost = _open_blocks[-1:]
+    if innermost:
+        innermost[0].name = name
+    else:
+        _base = name
 
 
 @contextlib.contextmanager
 def use_backend(name):
     """Runs the block with backend `name`, then restores the previous choice."""
-    global _current
-    previous, _current = _current, _checked_name(name)
+    block = _Block(_checked_name(name))
+    _open_blocks.append(block)
     try:
         yield
     finally:
-        _current = previous
+        _open_blocks.remove(block)
 
 
 def available_backends(device=None):
@@ -176,7 +197,7 @@ def select(op, device, unsupported, layer_class=None):
     """The backend that runs `op` on `device`. `unsupported(backend)` lists what it cannot do;
     `layer_class()` names the call's class in auto_choice.json, which "auto" follows where the
     benchmark results measured that class (AUTO_ORDER elsewhere)."""
-    name = _current
+    name = get_backend()
     if name != "auto":
         backend = BACKENDS[name]
         problem = backend.problem(device)

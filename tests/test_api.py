@@ -198,6 +198,38 @@ def test_backend_choice_api():
         cnnkernels.set_backend("auto")
     with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
         cnnkernels.set_backend("cudnn")
+    with cnnkernels.use_backend("torch"):
+        cnnkernels.set_backend("cuda")  # inside a block: until the block ends
+        assert cnnkernels.get_backend() == "cuda"
+    assert cnnkernels.get_backend() == "auto"
+
+
+def test_use_backend_blocks_that_threads_close_out_of_order_leave_no_choice_behind():
+    """Thread A opens "torch", thread B opens "cuda", A closes, B closes. Before, each block
+    restored the value it saw on entry, which left "torch" chosen for good."""
+    import threading
+    steps = {name: threading.Event() for name in ("a_in", "b_in", "a_out")}
+    seen = {}
+
+    def a():
+        with cnnkernels.use_backend("torch"):
+            steps["a_in"].set()
+            steps["b_in"].wait(10)
+        seen["after_a"] = cnnkernels.get_backend()
+        steps["a_out"].set()
+
+    def b():
+        steps["a_in"].wait(10)
+        with cnnkernels.use_backend("cuda"):
+            steps["b_in"].set()
+            steps["a_out"].wait(10)
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen["after_a"] == "cuda"  # B's block is still open
+    assert cnnkernels.get_backend() == "auto"
 
 
 def test_every_backend_is_available_on_the_cpu():
