@@ -9,6 +9,7 @@ Environment:
   MAX_JOBS                 parallel compile jobs (ninja)
 """
 import glob
+import hashlib
 import os
 import shutil
 import subprocess
@@ -129,15 +130,27 @@ def extension():
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link), archs
 
 
-def write_build_info(archs):
+def sources_digest(ext, archs):
+    """A digest of csrc/ and the build's configuration. It is part of torch.compile's cache key
+    (cnnkernels/_compile_cache.py), so that no graph traced through another build is reused."""
+    digest = hashlib.sha256(repr((torch.__version__, archs, ext.define_macros)).encode())
+    for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True)):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                digest.update(os.path.relpath(path, ROOT).encode() + b"\0" + f.read())
+    return digest.hexdigest()[:16]
+
+
+def write_build_info(ext, archs):
     # Read before cnnkernels._C is loaded, so a .so built for another torch is never loaded.
     with open(os.path.join(ROOT, "cnnkernels", "_build_info.py"), "w") as f:
         f.write("# Written by setup.py.\n")
-        f.write(f"TORCH_VERSION = {torch.__version__!r}\nCUDA_ARCHS = {archs!r}\n")
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\nCUDA_ARCHS = {archs!r}\n"
+                f"SOURCES_DIGEST = {sources_digest(ext, archs)!r}\n")
 
 
 ext, archs = extension()
-write_build_info(archs)
+write_build_info(ext, archs)
 setup(
     packages=find_packages(include=["cnnkernels", "cnnkernels.*"]),
     ext_modules=[ext],

@@ -1,8 +1,9 @@
 """cnnkernels: fused conv2d + bias + ReLU and residual-add + ReLU for PyTorch."""
-from . import _extension, _registration
+from . import _compile_cache, _extension, _registration
 
 if _extension.module() is not None:
     _registration.register_extension_ops()
+_compile_cache.tag_compile_caches()
 
 from . import models, nn
 from .backends import available_backends, get_backend, set_backend, use_backend

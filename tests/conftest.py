@@ -16,9 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# torch.compile's on-disk AOTAutograd cache keys a compiled graph by the ops it calls, not by the
-# backward it traced through our ops' autograd, so one traced from an earlier build would be reused
-# (seen). Each test run compiles afresh, in a cache of its own.
+# Each test run compiles afresh, in a torch.compile cache of its own: what the tests measure is
+# then never a graph that an earlier run (or another checkout) left behind.
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="cnnkernels-tests-inductor-")
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)

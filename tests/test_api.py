@@ -529,6 +529,46 @@ def test_torch_compile_fullgraph_as_a_fresh_process_first_call(device, backend):
     assert done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
+def test_compile_cache_reuses_graphs_of_this_install_and_never_of_another(tmp_path):
+    """torch.compile's on-disk caches know our ops by name only, so a graph whose backward was
+    traced through another build's autograd would be reused (pytorch/pytorch#144344). Our import
+    tags the cache key with this install's code: a second process hits the cache, a copy of the
+    package with one line changed misses it, and a tag the user set stays in the key."""
+    import json
+    import shutil
+    script = (
+        "import json, torch, cnnkernels\n"
+        "from torch._dynamo.utils import counters\n"
+        "x, w, b = (torch.randn(s, requires_grad=True) for s in ((2, 4, 8, 8), (6, 4, 3, 3), (6,)))\n"
+        "torch.compile(lambda x, w, b: cnnkernels.conv2d_relu(x, w, b, padding=1), fullgraph=True)(x, w, b).sum().backward()\n"
+        "print(json.dumps([cnnkernels.__file__, torch.compiler.config.cache_key_tag, dict(counters['aot_autograd'])]))")
+
+    def compile_in_a_fresh_process(package_parent=None, **env):
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
+        if package_parent:
+            env["PYTHONPATH"] = str(package_parent)
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    _, tag, first = compile_in_a_fresh_process()
+    _, same_tag, second = compile_in_a_fresh_process()
+    assert tag.startswith("cnnkernels-") and same_tag == tag
+    assert first.get("autograd_cache_miss") == 1 and second.get("autograd_cache_hit") == 1
+
+    copy = tmp_path / "changed" / "cnnkernels"
+    shutil.copytree(os.path.dirname(cnnkernels.__file__), copy, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(copy / "reference.py", "a") as f:
+        f.write("# a change that reaches no graph\n")
+    path, changed_tag, changed = compile_in_a_fresh_process(tmp_path / "changed")
+    assert path == str(copy / "__init__.py")
+    assert changed_tag != tag and changed.get("autograd_cache_miss") == 1
+
+    _, user_tag, _ = compile_in_a_fresh_process(TORCH_COMPILE_CACHE_KEY_TAG="mine")
+    assert user_tag == f"mine+{tag}"
+
+
 # --- torch.fx -------------------------------------------------------------------------------------
 
 def test_torch_fx_records_each_call_as_one_node():
