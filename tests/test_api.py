@@ -600,6 +600,44 @@ def test_torch_fx_records_each_call_as_one_node():
         assert torch.allclose(traced(x), model(x), atol=1e-5)
 
 
+# --- torch.export ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_export_records_the_ops_and_the_saved_program_runs_other_batch_sizes(backend):
+    """The deployment path: torch.export with a dynamic batch, torch.export.save and load. The
+    program calls the chosen backend's ops (the torch backend's are plain aten ops) and computes,
+    at a batch size it was not traced with, what the model does, in the same memory format."""
+    import io
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = cnnkernels.nn.Conv2dReLU(3, 8, 3, padding=1)
+            self.conv_add = cnnkernels.nn.Conv2dAddReLU(8, 8, 3, padding=1)
+            self.add = cnnkernels.nn.AddReLU()
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.add(self.conv_add(y, y), y)
+
+    model = Model().eval()
+    x = torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    with cnnkernels.use_backend(backend):
+        program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch", max=64)}})
+        ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+        assert all(op.startswith("aten.") for op in ops) if backend == "torch" else \
+            len(ops) == 3 and all(op.startswith("cnnkernels.") for op in ops), ops
+        saved = io.BytesIO()
+        torch.export.save(program, saved)
+        saved.seek(0)
+        loaded = torch.export.load(saved)
+        x = torch.randn(5, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+        expected = model(x)
+        for exported in (program, loaded):
+            out = exported.module()(x)
+            assert torch.equal(out, expected) and out.stride() == expected.stride()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_conv_sees_every_weight_write(dtype):
     """The C++ CPU conv caches weights reordered for oneDNN; each write must still be seen,
