@@ -21,7 +21,22 @@ def conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, gr
     out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     if residual is not None:
         out = out + residual
-    return torch.relu(out).contiguous(memory_format=memory_format)
+    return _with_canonical_strides(torch.relu(out), memory_format)
+
+
+def _with_canonical_strides(t, memory_format):
+    """t laid out in memory_format with the strides torch.empty gives it, as the C++ op's output
+    (output_strided_as in csrc/cpu/conv2d_relu.cpp says why .contiguous() alone is not that)."""
+    t = t.contiguous(memory_format=memory_format)
+    if t.layout != torch.strided:  # e.g. mkldnn, which F.conv2d takes and keeps
+        return t
+    if memory_format == torch.channels_last:
+        canonical = torch._prims_common.make_channels_last_strides_for(t.shape)
+    else:
+        canonical = torch._prims_common.make_contiguous_strides_for(t.shape)
+    if t.stride() == tuple(canonical):
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format).copy_(t)
 
 
 def add_relu(input, other):

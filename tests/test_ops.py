@@ -140,6 +140,52 @@ def test_conv_output_is_channels_last_when_input_or_weight_is(op, backend, devic
                                      expected)
 
 
+# (input shape, input channels_last, weight shape, weight channels_last, stride, padding, dilation, groups):
+# outputs with size-1 dimensions, contiguous in both memory formats whatever their strides say.
+SIZE_ONE_CASES = [
+    ((2, 3, 3, 2), False, (5, 3, 2, 2), True, (3, 2), (1, 1), (2, 2), 1),  # run in NCHW (oneDNN crash rule)
+    ((1, 8, 2, 3), False, (2, 4, 3, 2), True, (3, 3), (1, 1), (1, 2), 2),  # the same, grouped
+    ((3, 4, 5, 5), True, (6, 4, 5, 5), False, (1, 1), (0, 0), (1, 1), 1),  # 1x1 output
+    ((1, 4, 6, 1), True, (1, 4, 3, 1), False, (1, 1), (0, 0), (1, 1), 1),  # one channel, one column
+]
+
+
+@pytest.mark.parametrize("suffix", ["", "_triton"], ids=["cpp", "triton"])
+@pytest.mark.parametrize("case", SIZE_ONE_CASES)
+def test_output_strides_equal_the_fake_kernels_where_dimensions_are_size_one(case, suffix):
+    """torch.compile plans memory with the fake kernels' strides, so the real ones must equal them,
+    and both are those torch.empty gives the output's memory format (a tensor whose size-1
+    dimensions carry another layout's strides names that layout to the next op). Seen: the C++
+    op's NCHW-computed channels_last outputs kept NCHW strides."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import cnnkernels.triton_ops  # noqa: F401  registers the Triton ops
+    seeded()
+    x_shape, x_cl, w_shape, w_cl, stride, padding, dilation, groups = case
+    x, weight = torch.randn(x_shape), torch.randn(w_shape)
+    x = x.contiguous(memory_format=torch.channels_last) if x_cl else x
+    weight = weight.contiguous(memory_format=torch.channels_last) if w_cl else weight
+    bias = torch.randn(w_shape[0])
+    geometry = (list(stride), list(padding), list(dilation), groups)
+    conv2d_relu = getattr(torch.ops.cnnkernels, "conv2d_relu" + suffix)
+    conv2d_add_relu = getattr(torch.ops.cnnkernels, "conv2d_add_relu" + suffix)
+    relu_backward_bias_grad = getattr(torch.ops.cnnkernels, "relu_backward_bias_grad" + suffix)
+    out = conv2d_relu(x, weight, bias, *geometry)
+    residual = torch.randn(out.shape)
+    grad = torch.randn(out.shape).contiguous(memory_format=torch.channels_last)
+    real = [out, conv2d_add_relu(x, weight, residual, bias, *geometry), *relu_backward_bias_grad(grad, out)]
+    with FakeTensorMode() as mode:
+        fx, fw, fb, fr, fg = map(mode.from_tensor, (x, weight, bias, residual, grad))
+        fake_out = conv2d_relu(fx, fw, fb, *geometry)
+        fake = [fake_out, conv2d_add_relu(fx, fw, fr, fb, *geometry), *relu_backward_bias_grad(fg, fake_out)]
+    canonical = torch.empty(out.shape, memory_format=conv_output_memory_format(x, weight)).stride()
+    assert real[0].stride() == real[1].stride() == canonical
+    for r, f in zip(real, fake):
+        assert (r.shape, r.stride()) == (f.shape, f.stride())
+    with cnnkernels.use_backend("torch"):
+        assert cnnkernels.conv2d_relu(x, weight, bias, *geometry).stride() == canonical
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

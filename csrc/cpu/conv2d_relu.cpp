@@ -131,16 +131,30 @@ bool tiny_conv(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
   return macs <= 1e6;
 }
 
+// The strides at::empty gives a 4-D tensor of this shape in `format`.
+std::vector<int64_t> canonical_strides(at::IntArrayRef sizes, at::MemoryFormat format) {
+  const int64_t C = sizes[1], H = sizes[2], W = sizes[3];
+  return format == at::MemoryFormat::ChannelsLast ? std::vector<int64_t>{H * W * C, 1, W * C, C}
+                                                  : std::vector<int64_t>{C * H * W, H * W, W, 1};
+}
+
 // t with the canonical strides of `format`, copied only if it is not laid out that way. Size-1
 // dimensions leave a tensor contiguous in both formats with either strides, and thnn_conv2d picks
-// its layout from the strides.
+// its layout from the strides. The result may be a view of its copy.
 at::Tensor strided_as(const at::Tensor& t, at::MemoryFormat format) {
   const at::Tensor c = t.contiguous(format);
-  const int64_t C = c.size(1), H = c.size(2), W = c.size(3);
-  const std::vector<int64_t> strides = format == at::MemoryFormat::ChannelsLast
-                                           ? std::vector<int64_t>{H * W * C, 1, W * C, C}
-                                           : std::vector<int64_t>{C * H * W, H * W, W, 1};
-  return c.as_strided(c.sizes(), strides);
+  return c.as_strided(c.sizes(), canonical_strides(c.sizes(), format));
+}
+
+// The same for the op's output, which gets no view: a copy, in the rare case that needs one.
+// Without it, an output computed in NCHW and asked for in channels_last (the convs above that
+// oneDNN may crash on) kept NCHW strides when its size-1 dimensions made it pass as channels_last:
+// strides that differ from F.conv2d's and the fake kernel's, and that name the other layout to
+// the next op (suggest_memory_format).
+at::Tensor output_strided_as(const at::Tensor& t, at::MemoryFormat format) {
+  const at::Tensor c = t.contiguous(format);
+  if (c.strides() == at::IntArrayRef(canonical_strides(c.sizes(), format))) return c;
+  return at::empty(c.sizes(), c.options().memory_format(format)).copy_(c);
 }
 
 // The layout a tiny conv computes in: the input's, except with one input channel, where ATen's
@@ -196,7 +210,7 @@ at::Tensor conv2d_bias_act_cpu(const char* op, const at::Tensor& input, const at
   at::Tensor out = tiny                 ? conv_tiny(x, w, b, stride, padding, compute_format)
                    : reordered.defined() ? conv_onednn(x, reordered, b, stride, padding, dilation, groups)
                    : at::convolution(x, w, b, stride, padding, dilation, /*transposed=*/false, {0, 0}, groups);
-  out = out.to(input.scalar_type()).contiguous(format);
+  out = output_strided_as(out.to(input.scalar_type()), format);
   add_relu_dense(out, r, out);
   if (tiny) tiny_runs.fetch_add(1, std::memory_order_relaxed);
   return out;
