@@ -638,6 +638,19 @@ def test_torch_export_records_the_ops_and_the_saved_program_runs_other_batch_siz
             assert torch.equal(out, expected) and out.stride() == expected.stride()
 
 
+def test_aot_inductor_package_calls_the_cpp_ops(tmp_path):
+    """AOTInductor, the C++ deployment path, compiles an exported model into a package whose
+    generated code calls our C++ ops (registered by importing cnnkernels before loading it)."""
+    model = nn.Sequential(cnnkernels.nn.Conv2dReLU(3, 8, 3, padding=1), cnnkernels.nn.Conv2dReLU(8, 8, 3, padding=1))
+    model.eval().requires_grad_(False)
+    x = torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    program = torch.export.export(model, (x,))
+    assert {str(n.target) for n in program.graph.nodes if n.op == "call_function"} == {"cnnkernels.conv2d_relu.default"}
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
+    out = torch._inductor.aoti_load_package(package)(x)
+    torch.testing.assert_close(out, model(x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_conv_sees_every_weight_write(dtype):
     """The C++ CPU conv caches weights reordered for oneDNN; each write must still be seen,
