@@ -28,7 +28,9 @@ def _with_canonical_strides(t, memory_format):
     """t laid out in memory_format with the strides torch.empty gives it, as the C++ op's output
     (output_strided_as in csrc/cpu/conv2d_relu.cpp says why .contiguous() alone is not that)."""
     t = t.contiguous(memory_format=memory_format)
-    if t.layout != torch.strided:  # e.g. mkldnn, which F.conv2d takes and keeps
+    # mkldnn tensors (F.conv2d takes and keeps them) have no strides; compiled, the strides are
+    # Inductor's to choose (and torch 2.11's dynamo cannot trace make_contiguous_strides_for).
+    if t.layout != torch.strided or torch.compiler.is_compiling():
         return t
     if memory_format == torch.channels_last:
         canonical = torch._prims_common.make_channels_last_strides_for(t.shape)
