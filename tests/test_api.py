@@ -602,8 +602,9 @@ def test_torch_fx_records_each_call_as_one_node():
 
 # --- torch.export ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])  # strict: traced by dynamo
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_export_records_the_ops_and_the_saved_program_runs_other_batch_sizes(backend):
+def test_torch_export_records_the_ops_and_the_saved_program_runs_other_batch_sizes(backend, strict):
     """The deployment path: torch.export with a dynamic batch, torch.export.save and load. The
     program calls the chosen backend's ops (the torch backend's are plain aten ops) and computes,
     at a batch size it was not traced with, what the model does, in the same memory format."""
@@ -623,7 +624,8 @@ def test_torch_export_records_the_ops_and_the_saved_program_runs_other_batch_siz
     model = Model().eval()
     x = torch.randn(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
     with cnnkernels.use_backend(backend):
-        program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch", max=64)}})
+        program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch", max=64)}},
+                                      strict=strict)
         ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
         assert all(op.startswith("aten.") for op in ops) if backend == "torch" else \
             len(ops) == 3 and all(op.startswith("cnnkernels.") for op in ops), ops
