@@ -150,9 +150,9 @@ SIZE_ONE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("suffix", ["", "_triton"], ids=["cpp", "triton"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])  # their ops: the C++ ones (CPU kernels here), the Triton ones
 @pytest.mark.parametrize("case", SIZE_ONE_CASES)
-def test_output_strides_equal_the_fake_kernels_where_dimensions_are_size_one(case, suffix):
+def test_output_strides_equal_the_fake_kernels_where_dimensions_are_size_one(case, backend):
     """torch.compile plans memory with the fake kernels' strides, so the real ones must equal them,
     and both are those torch.empty gives the output's memory format (a tensor whose size-1
     dimensions carry another layout's strides names that layout to the next op). Seen: the C++
@@ -167,6 +167,7 @@ def test_output_strides_equal_the_fake_kernels_where_dimensions_are_size_one(cas
     weight = weight.contiguous(memory_format=torch.channels_last) if w_cl else weight
     bias = torch.randn(w_shape[0])
     geometry = (list(stride), list(padding), list(dilation), groups)
+    suffix = "_triton" if backend == "triton" else ""
     conv2d_relu = getattr(torch.ops.cnnkernels, "conv2d_relu" + suffix)
     conv2d_add_relu = getattr(torch.ops.cnnkernels, "conv2d_add_relu" + suffix)
     relu_backward_bias_grad = getattr(torch.ops.cnnkernels, "relu_backward_bias_grad" + suffix)
@@ -178,6 +179,8 @@ def test_output_strides_equal_the_fake_kernels_where_dimensions_are_size_one(cas
         fx, fw, fb, fr, fg = map(mode.from_tensor, (x, weight, bias, residual, grad))
         fake_out = conv2d_relu(fx, fw, fb, *geometry)
         fake = [fake_out, conv2d_add_relu(fx, fw, fr, fb, *geometry), *relu_backward_bias_grad(fg, fake_out)]
+    expected = torch.relu(F.conv2d(x.double().contiguous(), weight.double().contiguous(), bias.double(), *geometry))
+    assert_matches_reference(out, expected, torch.relu(F.conv2d(x.contiguous(), weight.contiguous(), bias, *geometry)))
     canonical = torch.empty(out.shape, memory_format=conv_output_memory_format(x, weight)).stride()
     assert real[0].stride() == real[1].stride() == canonical
     for r, f in zip(real, fake):
