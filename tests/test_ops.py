@@ -189,6 +189,54 @@ def test_output_strides_equal_the_fake_kernels_where_dimensions_are_size_one(cas
         assert cnnkernels.conv2d_relu(x, weight, bias, *geometry).stride() == canonical
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_fake_kernels_match_the_real_outputs_over_random_small_convs(backend):
+    """A random search over small geometries (size-1 dimensions, odd strides and dilations,
+    groups), layouts and dtypes: each op's output and relu_backward_bias_grad's have the fake
+    kernel's shape, strides and dtype. Such a search found the size-1 case above."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import cnnkernels.triton_ops  # noqa: F401  registers the Triton ops
+    seed = random.randrange(2**31)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    suffix = "_triton" if backend == "triton" else ""
+    conv2d_relu, conv2d_add_relu, add_relu, relu_backward_bias_grad = (
+        getattr(torch.ops.cnnkernels, name + suffix)
+        for name in ("conv2d_relu", "conv2d_add_relu", "add_relu", "relu_backward_bias_grad"))
+    layouts = ["nchw", "channels_last", "sliced"]
+    checked = 0
+    while checked < 100:
+        n, h, w = rng.choice([1, 2, 3]), rng.choice([1, 2, 3, 5, 8]), rng.choice([1, 2, 3, 5, 8])
+        c, k = rng.choice([1, 2, 3, 4, 8]), rng.choice([1, 2, 3, 5])
+        groups = rng.choice([1, 1] + [g for g in (2, c) if c % g == 0 and k % g == 0 and g > 1])
+        r, s = rng.choice([1, 2, 3]), rng.choice([1, 2, 3])
+        stride, padding, dilation = ([rng.choice(choices), rng.choice(choices)]
+                                     for choices in ([1, 2, 3], [0, 1], [1, 2]))
+        if h + 2 * padding[0] < dilation[0] * (r - 1) + 1 or w + 2 * padding[1] < dilation[1] * (s - 1) + 1:
+            continue
+        checked += 1
+        dtype = rng.choice(DTYPES)
+        x = in_layout(torch.randn(n, c, h, w).to(dtype), rng.choice(layouts))
+        weight = in_layout(torch.randn(k, c // groups, r, s).to(dtype), rng.choice(layouts[:2]))
+        bias = torch.randn(k).to(dtype) if rng.random() < 0.5 else None
+        geometry = (stride, padding, dilation, groups)
+        out = conv2d_relu(x, weight, bias, *geometry)
+        residual = in_layout(torch.randn(out.shape).to(dtype), rng.choice(layouts))
+        other = in_layout(torch.randn(x.shape).to(dtype), rng.choice(layouts))
+        grad = in_layout(torch.randn(out.shape).to(dtype), rng.choice(layouts))
+        calls = [(conv2d_relu, (x, weight, bias, *geometry)), (conv2d_add_relu, (x, weight, residual, bias, *geometry)),
+                 (add_relu, (x, other)), (relu_backward_bias_grad, (grad, out))]
+        for op, args in calls:
+            real = op(*args)
+            with FakeTensorMode() as mode:
+                fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+            for r_out, f_out in zip(real if isinstance(real, tuple) else [real], fake if isinstance(fake, tuple) else [fake]):
+                assert (r_out.shape, r_out.stride(), r_out.dtype) == (f_out.shape, f_out.stride(), f_out.dtype), \
+                    (op, [(tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a for a in args])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
