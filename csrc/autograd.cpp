@@ -10,7 +10,7 @@
 //   - aten::convolution_backward (cuDNN, oneDNN) gives the input and weight gradients (on the CPU,
 //     in fp32 for the bf16 convs oneDNN gets wrong: cpu::conv_backward), except
 //     the input gradient of fp32 3x3 stride-1 convs on the CPU, which Winograd computes where it
-//     suits (csrc/cpu/winograd.h): 1.5-2x faster than oneDNN there; and both gradients of tiny
+//     suits (csrc/cpu/winograd.h); and both gradients of tiny
 //     fp32 CPU convs, which ATen's im2col + GEMM backward computes (csrc/cpu/conv2d_relu.h):
 //     1.3-3.4x faster than oneDNN's there.
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -82,7 +82,12 @@ ConvGrads conv_grads(AutogradContext* ctx, const at::Tensor& grad, size_t bias_i
     if (grads.input.defined() || grads.weight.defined()) return grads;
   }
   if (input_grad && plain) {
-    grads.input = cpu::winograd_conv2d_input_grad(grads.pre_relu, input, weight, stride, padding, dilation, groups);
+    const auto direct = [&] {
+      return std::get<0>(cpu::conv_backward(grads.pre_relu, input, weight, stride, padding, dilation, groups,
+                                            /*input_grad=*/true, /*weight_grad=*/false, real_cpu));
+    };
+    grads.input =
+        cpu::winograd_conv2d_input_grad(grads.pre_relu, input, weight, stride, padding, dilation, groups, direct);
   }
   const bool input_left = input_grad && !grads.input.defined();
   if (input_left || weight_grad) {

@@ -1,6 +1,7 @@
 """The CPU Winograd path of the C++ backend (csrc/cpu/winograd.cpp): fp32 3x3 stride-1 convs
 with at least 16 channels and enough output tiles. Each test checks through the extension's
 run counter that the path it means to test ran (or did not)."""
+import json
 import os
 import subprocess
 import sys
@@ -156,6 +157,45 @@ def test_switched_off_by_environment():
         result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         runs[value] = int(result.stdout.split()[-1])
     assert runs == {"0": 0, "1": 1}
+
+
+def test_measured_choice_runs_winograd_where_it_measured_faster():
+    """CNNKERNELS_CPU_WINOGRAD=measure lets each problem's first call time Winograd against the
+    direct path (4 runs of each) and later calls take the faster, forward and input gradient
+    alike, with every output right; deterministic mode keeps the geometric rule (one run)."""
+    code = "\n".join([
+        "import json, torch, cnnkernels",
+        "from cnnkernels import _extension",
+        "torch.set_num_threads(2)",
+        "x = torch.randn(2, 16, 20, 20).contiguous(memory_format=torch.channels_last).requires_grad_()",
+        "w = torch.randn(16, 16, 3, 3) / 12",
+        "x64 = x.detach().double().requires_grad_()",
+        "ref = torch.relu(torch.nn.functional.conv2d(x64, w.double(), padding=1))",
+        "(ref_grad,) = torch.autograd.grad(ref, x64, torch.ones_like(ref))",
+        "runs, errors = [], []",
+        "def call():",
+        "    before = _extension.module().cpu_winograd_runs()",
+        "    with cnnkernels.use_backend('cuda'):",
+        "        out = cnnkernels.conv2d_relu(x, w, None, padding=1)",
+        "        forward = _extension.module().cpu_winograd_runs() - before",
+        "        (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))",
+        "    runs.append([forward, _extension.module().cpu_winograd_runs() - before - forward])",
+        "    errors.append(max(((out - ref).norm() / ref.norm()).item(), ((grad - ref_grad).norm() / ref_grad.norm()).item()))",
+        "for _ in range(4):",
+        "    call()",
+        "torch.use_deterministic_algorithms(True)",
+        "call()",
+        "print(json.dumps([runs, errors]))",
+    ])
+    env = dict(os.environ, CNNKERNELS_CPU_WINOGRAD="measure")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs, errors = json.loads(result.stdout.split("\n")[-2])
+    assert runs[0] == [4, 4]  # the first call times both ways, four runs each
+    forward, input_grad = runs[1]
+    assert forward in (0, 1) and input_grad in (0, 1) and runs[1:4] == [[forward, input_grad]] * 3
+    assert runs[4] == [1, 1]
+    assert max(errors) < 1e-5, errors
 
 
 # --- the input gradient --------------------------------------------------------------------------

@@ -170,18 +170,11 @@ at::Tensor conv_tiny(const at::Tensor& x, const at::Tensor& w, const c10::option
   return at::thnn_conv2d(strided_as(x, layout), strided_as(w, layout), {w.size(2), w.size(3)}, bias, stride, padding);
 }
 
-at::Tensor conv2d_bias_act_cpu(const char* op, const at::Tensor& input, const at::Tensor& weight,
-                               const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
-                               at::IntArrayRef stride, at::IntArrayRef padding,
-                               at::IntArrayRef requested_dilation, int64_t groups) {
-  const ConvShape shape = check_conv2d_args(op, input, weight, bias, residual, stride, padding, requested_dilation,
-                                            groups);
-  const std::vector<int64_t> dilation = effective_dilation(weight, requested_dilation);
-  const auto format = conv_output_memory_format(input, weight);
-  if (at::Tensor out = winograd_conv2d_bias_relu(input, weight, bias, residual, stride, padding, dilation, groups);
-      out.defined()) {
-    return out;
-  }
+// The conv through oneDNN (or ATen's kernel for tiny convs), then bias, residual and ReLU.
+at::Tensor conv2d_bias_act_direct(const at::Tensor& input, const at::Tensor& weight,
+                                  const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
+                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  int64_t groups, const ConvShape& shape, at::MemoryFormat format) {
   const auto CL = at::MemoryFormat::ChannelsLast;
   const auto compute_format = format == CL && onednn_may_crash_in_channels_last(shape, stride, dilation)
                                   ? at::MemoryFormat::Contiguous
@@ -214,6 +207,25 @@ at::Tensor conv2d_bias_act_cpu(const char* op, const at::Tensor& input, const at
   add_relu_dense(out, r, out);
   if (tiny) tiny_runs.fetch_add(1, std::memory_order_relaxed);
   return out;
+}
+
+at::Tensor conv2d_bias_act_cpu(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
+                               at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef requested_dilation, int64_t groups) {
+  const ConvShape shape = check_conv2d_args(op, input, weight, bias, residual, stride, padding, requested_dilation,
+                                            groups);
+  const std::vector<int64_t> dilation = effective_dilation(weight, requested_dilation);
+  const auto format = conv_output_memory_format(input, weight);
+  const auto direct = [&] {
+    return conv2d_bias_act_direct(input, weight, bias, residual, stride, padding, dilation, groups, shape, format);
+  };
+  if (at::Tensor out = winograd_conv2d_bias_relu(input, weight, bias, residual, stride, padding, dilation, groups,
+                                                 direct);
+      out.defined()) {
+    return out;
+  }
+  return direct();
 }
 
 at::Tensor conv2d_relu_cpu(const at::Tensor& input, const at::Tensor& weight,

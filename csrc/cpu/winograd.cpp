@@ -1,8 +1,11 @@
 // 3x3 stride-1 conv + bias (+ residual) + ReLU on the CPU through Winograd F(4x4, 3x3), for
 // fp32, and the input gradient of such convs. Why: oneDNN's direct conv already runs these
-// layers near the FMA peak (about 230 GFLOP/s on the 2-core EPYC here), so only fewer
-// multiplies make them faster. F(4x4, 3x3) needs 36 multiplies per 4x4 output tile and channel
-// pair instead of 144.
+// layers near the FMA peak, so only fewer multiplies make them faster. F(4x4, 3x3) needs 36
+// multiplies per 4x4 output tile and channel pair instead of 144, but its transforms and 36 thin
+// GEMMs cost memory traffic: it won on every VGG-16 and ResNet-50 3x3 layer on a Zen 4 EPYC
+// (oneDNN at about 230 GFLOP/s on 2 cores) and on about half of them on Zen 5 (about 420), where
+// CNNKERNELS_CPU_WINOGRAD=measure has each problem run the way that measured faster
+// (measured_faster below).
 //
 // The output is cut into 4x4 tiles, and tiles into blocks that each thread runs start to end
 // while they stay in cache:
@@ -21,8 +24,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <functional>
+#include <map>
+#include <mutex>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -223,12 +230,59 @@ bool enough_tiles(int64_t N, int64_t OH, int64_t OW) {
   return N * tiles_h * tiles_w >= kMinTilesPerThread * at::get_num_threads() && inside >= kMinInside;
 }
 
-bool enabled() {
-  static const bool on = [] {
+// CNNKERNELS_CPU_WINOGRAD: "0" never, "measure" where it also measured faster than the direct
+// path on this machine (below), otherwise wherever the geometry suits.
+enum class Mode { kOff, kWherever, kMeasured };
+
+Mode mode() {
+  static const Mode chosen = [] {
     const char* value = std::getenv("CNNKERNELS_CPU_WINOGRAD");
-    return !(value && std::string(value) == "0");
+    const std::string setting = value ? value : "";
+    return setting == "0" ? Mode::kOff : setting == "measure" ? Mode::kMeasured : Mode::kWherever;
   }();
-  return on;
+  return chosen;
+}
+
+bool enabled() { return mode() != Mode::kOff; }
+
+// Runs `winograd` where it measured faster than `direct` for this problem (`key`), timing both on
+// the problem's first call, as cudnn.benchmark times cuDNN's algorithms: each once to warm up
+// (weight caches, first touches of memory), then three times more, alternating, the best of
+// three counting. Undefined: run the direct path (the caller does, so that the input gradient
+// can come from the same convolution_backward call as the weight gradient). Which way wins depends on the
+// CPU: oneDNN's direct conv runs about twice as fast on full-width AVX-512 (Zen 5 here on
+// 2026-12-07, about 420 GFLOP/s on 2 cores) as on Zen 4 (about 230), where Winograd won on every
+// VGG-16 and ResNet-50 3x3 layer at batch 4; on Zen 5 it won on about half of them
+// (benchmarks/results/2026-12-07_CPU-AMD-EPYC-Zen5-2-threads_winograd-choice.txt). Not the
+// default: which way wins a close race follows the timing noise, so outputs would differ (by
+// Winograd's rounding) from one process to the next, and on a noisy machine the slower way can
+// win the timing. Deterministic mode keeps the geometric rule too.
+at::Tensor measured_faster(std::vector<int64_t> key, const std::function<at::Tensor()>& winograd,
+                           const std::function<at::Tensor()>& direct) {
+  if (mode() == Mode::kWherever || at::globalContext().deterministicAlgorithms()) return winograd();
+  static std::mutex mutex;
+  static std::map<std::vector<int64_t>, bool> winograd_faster;
+  key.push_back(at::get_num_threads());
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (const auto known = winograd_faster.find(key); known != winograd_faster.end()) {
+      return known->second ? winograd() : at::Tensor();
+    }
+  }
+  double best[2] = {INFINITY, INFINITY};
+  at::Tensor out;
+  for (int round = 0; round < 4; ++round) {
+    for (int way = 0; way < 2; ++way) {
+      const auto start = std::chrono::steady_clock::now();
+      out = way == 0 ? winograd() : direct();
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (!out.defined()) return out;  // values Winograd cannot take: nothing was measured
+      if (round > 0) best[way] = std::min(best[way], seconds);
+    }
+  }
+  const std::lock_guard<std::mutex> lock(mutex);
+  winograd_faster.emplace(key, best[0] < best[1]);
+  return out;  // the direct path's, as right as Winograd's
 }
 
 // Whether a conv from C to K channels with this geometry, producing N x OH x OW, suits Winograd.
@@ -347,26 +401,32 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& u, const c10::optional<at:
 at::Tensor winograd_conv2d_bias_relu(const at::Tensor& input, const at::Tensor& weight,
                                      const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                     int64_t groups) {
+                                     int64_t groups, const std::function<at::Tensor()>& direct) {
   const int64_t OH = input.size(2) + 2 * padding[0] - 2, OW = input.size(3) + 2 * padding[1] - 2;
   if (input.scalar_type() != at::kFloat || input.numel() == 0 ||
       !suits(weight, input.size(0), input.size(1), weight.size(0), OH, OW, stride, dilation, groups)) {
     return {};
   }
-  const at::Tensor u = weight_for(WeightForm::kWinograd, weight, input.size(0) * OH * OW,
-                                  [&] { return transformed_weight(weight); });
-  if (!u.defined()) return {};
-  // Winograd runs in channels_last. For NCHW, converting the input and the output costs two
-  // copies and still runs 1.4-2x faster than the direct NCHW conv (VGG/ResNet layers, batch 4).
-  const auto cl = at::MemoryFormat::ChannelsLast;
-  const at::Tensor out = run(input.contiguous(cl), u, bias, residual.defined() ? residual.contiguous(cl) : residual,
-                             padding[0], padding[1], /*relu=*/true);
-  return out.defined() ? out.contiguous(conv_output_memory_format(input, weight)) : out;
+  const auto winograd = [&]() -> at::Tensor {
+    const at::Tensor u = weight_for(WeightForm::kWinograd, weight, input.size(0) * OH * OW,
+                                    [&] { return transformed_weight(weight); });
+    if (!u.defined()) return {};
+    // Winograd runs in channels_last: NCHW input and output are converted (two copies).
+    const auto cl = at::MemoryFormat::ChannelsLast;
+    const at::Tensor out = run(input.contiguous(cl), u, bias,
+                               residual.defined() ? residual.contiguous(cl) : residual, padding[0], padding[1],
+                               /*relu=*/true);
+    return out.defined() ? out.contiguous(conv_output_memory_format(input, weight)) : out;
+  };
+  const bool cl_input = input.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return measured_faster({0, input.size(0), input.size(1), weight.size(0), input.size(2), input.size(3), padding[0],
+                          padding[1], residual.defined(), cl_input},
+                         winograd, direct);
 }
 
 at::Tensor winograd_conv2d_input_grad(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
                                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                      int64_t groups) {
+                                      int64_t groups, const std::function<at::Tensor()>& direct) {
   // The input gradient of a 3x3 stride-1 conv is a 3x3 stride-1 conv of the output gradient with
   // the weight flipped in space and its channels swapped, padded by 2 - padding.
   if (grad.scalar_type() != at::kFloat || grad.numel() == 0 || padding[0] > 2 || padding[1] > 2 ||
@@ -374,12 +434,19 @@ at::Tensor winograd_conv2d_input_grad(const at::Tensor& grad, const at::Tensor& 
              dilation, groups)) {
     return {};
   }
-  const at::Tensor u = weight_for(WeightForm::kWinogradInputGrad, weight, input.size(0) * input.size(2) * input.size(3),
-                                  [&] { return transformed_weight(weight.flip({2, 3}).transpose(0, 1)); });
-  if (!u.defined()) return {};
-  const at::Tensor out = run(grad.contiguous(at::MemoryFormat::ChannelsLast), u, c10::nullopt, at::Tensor(),
-                             2 - padding[0], 2 - padding[1], /*relu=*/false);
-  return out.defined() ? out.contiguous(conv_output_memory_format(input, weight)) : out;
+  const auto winograd = [&]() -> at::Tensor {
+    const at::Tensor u =
+        weight_for(WeightForm::kWinogradInputGrad, weight, input.size(0) * input.size(2) * input.size(3),
+                   [&] { return transformed_weight(weight.flip({2, 3}).transpose(0, 1)); });
+    if (!u.defined()) return {};
+    const at::Tensor out = run(grad.contiguous(at::MemoryFormat::ChannelsLast), u, c10::nullopt, at::Tensor(),
+                               2 - padding[0], 2 - padding[1], /*relu=*/false);
+    return out.defined() ? out.contiguous(conv_output_memory_format(input, weight)) : out;
+  };
+  const bool cl_grad = grad.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return measured_faster({1, grad.size(0), weight.size(0), weight.size(1), input.size(2), input.size(3), padding[0],
+                          padding[1], cl_grad},
+                         winograd, direct);
 }
 
 int64_t winograd_runs() { return completed_runs.load(std::memory_order_relaxed); }

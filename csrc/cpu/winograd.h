@@ -3,10 +3,14 @@
 // stride 1, dilation 1, groups 1; fewer than 16 input or output channels; too few 4x4 output
 // tiles per thread or tiles mostly outside the output) or when its values do not (NaN,
 // infinities or huge values, which the transforms would spread or overflow): the caller then
-// runs the direct conv. Outputs take F.conv2d's memory format. CNNKERNELS_CPU_WINOGRAD=0
-// turns Winograd off.
+// runs the direct conv. Outputs take F.conv2d's memory format. CNNKERNELS_CPU_WINOGRAD=0 turns
+// Winograd off; =measure also leaves out the problems where `direct`, the caller's direct path,
+// measured faster (winograd.cpp, measured_faster): there each function returns undefined too,
+// except on the problem's first call, which times both ways and returns the direct path's output.
 #pragma once
 #include <ATen/ATen.h>
+
+#include <functional>
 
 namespace cnnkernels::cpu {
 
@@ -14,14 +18,14 @@ namespace cnnkernels::cpu {
 at::Tensor winograd_conv2d_bias_relu(const at::Tensor& input, const at::Tensor& weight,
                                      const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                     int64_t groups);
+                                     int64_t groups, const std::function<at::Tensor()>& direct);
 
 // The gradient of conv2d(input, weight) with respect to input, given `grad`, the gradient of its
 // output. Only `input`'s sizes and memory format are used. Plain CPU tensors only: the caller
 // keeps fake and functional tensors (torch.compile's tracing) away.
 at::Tensor winograd_conv2d_input_grad(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
                                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                      int64_t groups);
+                                      int64_t groups, const std::function<at::Tensor()>& direct);
 
 // How many convs this process has completed through Winograd (tests check the path ran).
 int64_t winograd_runs();
