@@ -67,7 +67,8 @@ def main():
             for layer, times in json.loads(done.stdout.splitlines()[-1]).items():
                 cell = best.setdefault(layer, {}).setdefault(name, [float("inf")] * 2)
                 cell[:] = [min(a, b) for a, b in zip(cell, times)]
-    print(f"{'layer':>14} | {'forward ms: direct  winograd  measured':>38} | {'input gradient ms: direct  winograd  measured':>46}")
+    columns = "direct  winograd  measured"
+    print(f"{'layer':>14} | {'forward ms: ' + columns:>38} | {'input gradient ms: ' + columns:>46}")
     for layer, cells in best.items():
         row = [f"{cells[name][i]:8.2f}" for i in (0, 1) for name in SETTINGS]
         print(f"{layer:>14} | {' '.join(row[:3]):>38} | {' '.join(row[3:]):>46}")

@@ -249,14 +249,14 @@ bool enabled() { return mode() != Mode::kOff; }
 // the problem's first call, as cudnn.benchmark times cuDNN's algorithms: each once to warm up
 // (weight caches, first touches of memory), then three times more, alternating, the best of
 // three counting. Undefined: run the direct path (the caller does, so that the input gradient
-// can come from the same convolution_backward call as the weight gradient). Which way wins depends on the
-// CPU: oneDNN's direct conv runs about twice as fast on full-width AVX-512 (Zen 5 here on
-// 2026-12-07, about 420 GFLOP/s on 2 cores) as on Zen 4 (about 230), where Winograd won on every
-// VGG-16 and ResNet-50 3x3 layer at batch 4; on Zen 5 it won on about half of them
+// can come from the same convolution_backward call as the weight gradient). Which way wins
+// depends on the CPU: oneDNN's direct conv runs about twice as fast on full-width AVX-512 (Zen 5
+// here on 2026-12-07, about 420 GFLOP/s on 2 cores) as on Zen 4 (about 230), where Winograd won
+// on every VGG-16 and ResNet-50 3x3 layer at batch 4; on Zen 5 it won on about half of them
 // (benchmarks/results/2026-12-07_CPU-AMD-EPYC-Zen5-2-threads_winograd-choice.txt). Not the
-// default: which way wins a close race follows the timing noise, so outputs would differ (by
-// Winograd's rounding) from one process to the next, and on a noisy machine the slower way can
-// win the timing. Deterministic mode keeps the geometric rule too.
+// default: which way wins a close race follows the timing, so outputs would differ (by
+// Winograd's rounding) from one process to the next, and the first call's timing picked the
+// slower way for one layer there. Deterministic mode keeps the geometric rule too.
 at::Tensor measured_faster(std::vector<int64_t> key, const std::function<at::Tensor()>& winograd,
                            const std::function<at::Tensor()>& direct) {
   if (mode() == Mode::kWherever || at::globalContext().deterministicAlgorithms()) return winograd();
