@@ -1,8 +1,8 @@
 """Winograd against the direct path on this CPU: the VGG-16 and ResNet-50 3x3 stride-1 layers at
 batch 4 (fp32, channels_last), forward (conv2d_relu) and input gradient, best of several calls,
-under each CNNKERNELS_CPU_WINOGRAD setting: 0 (direct: oneDNN), unset (the default: Winograd
-wherever the geometry suits) and measure (each problem's first call times both ways, later calls
-take the faster).
+under each CNNKERNELS_CPU_WINOGRAD setting: 0 (direct: oneDNN), 1 (Winograd wherever the geometry
+suits, the default before 2026-12-07) and unset (the default: each problem's first call times both
+ways, later calls take the faster).
 
     python benchmarks/winograd_choice.py [--rounds 2] [--threads 2]
 
@@ -19,7 +19,7 @@ import sys
 LAYERS = [(64, 64, 224), (64, 128, 112), (128, 128, 112), (128, 256, 56), (256, 256, 56), (256, 512, 28),
           (512, 512, 28), (512, 512, 14),  # VGG-16
           (64, 64, 56), (128, 128, 28), (256, 256, 14), (512, 512, 7)]  # ResNet-50
-SETTINGS = {"direct": "0", "winograd": None, "measured": "measure"}
+SETTINGS = {"direct": "0", "winograd": "1", "measured": None}
 
 CHILD = """
 import json, sys, time, torch, cnnkernels
@@ -45,7 +45,7 @@ for c, k, hw in json.loads(sys.argv[2]):
             start = time.perf_counter()
             torch.autograd.grad(out, x, grad, retain_graph=True)
             backward.append(time.perf_counter() - start)
-    # the first call of each is left out: under "measure" it times both ways
+    # the first call of each is left out: by default it times both ways
     times[f"{c}>{k}@{hw}"] = [min(forward[1:]) * 1e3, min(backward[1:]) * 1e3]
 print(json.dumps(times))
 """

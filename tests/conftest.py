@@ -15,6 +15,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # Triton's interpreter must be chosen before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The CPU Winograd kernels run wherever the geometry suits them, not only where they measure
+# faster than oneDNN on this machine: the tests are there to check them (csrc/cpu/winograd.cpp;
+# tests/test_cpu_winograd.py checks the measured choice in a process of its own).
+os.environ.setdefault("CNNKERNELS_CPU_WINOGRAD", "1")
 
 # Each test run compiles afresh, in a torch.compile cache of its own: what the tests measure is
 # then never a graph that an earlier run (or another checkout) left behind.

@@ -159,8 +159,8 @@ def test_switched_off_by_environment():
     assert runs == {"0": 0, "1": 1}
 
 
-def test_measured_choice_runs_winograd_where_it_measured_faster():
-    """CNNKERNELS_CPU_WINOGRAD=measure lets each problem's first call time Winograd against the
+def test_by_default_winograd_runs_where_it_measured_faster():
+    """Without CNNKERNELS_CPU_WINOGRAD, each problem's first call times Winograd against the
     direct path (4 runs of each) and later calls take the faster, forward and input gradient
     alike, with every output right; deterministic mode keeps the geometric rule (one run)."""
     code = "\n".join([
@@ -187,7 +187,7 @@ def test_measured_choice_runs_winograd_where_it_measured_faster():
         "call()",
         "print(json.dumps([runs, errors]))",
     ])
-    env = dict(os.environ, CNNKERNELS_CPU_WINOGRAD="measure")
+    env = {k: v for k, v in os.environ.items() if k != "CNNKERNELS_CPU_WINOGRAD"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     runs, errors = json.loads(result.stdout.split("\n")[-2])

@@ -145,10 +145,16 @@ def environment(device):
 
 
 def _cpu_name():
+    """The CPU's model name, with its family and model numbers: a virtual machine may call a Zen 4
+    and a Zen 5 EPYC both "AMD EPYC", and oneDNN runs twice as fast on the second."""
     try:
+        fields = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return "CPU " + line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        if "model name" in fields:
+            numbers = f" family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else ""
+            return f"CPU {fields['model name']}{numbers}"
     except OSError:
         pass
     import platform

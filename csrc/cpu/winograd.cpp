@@ -3,9 +3,8 @@
 // layers near the FMA peak, so only fewer multiplies make them faster. F(4x4, 3x3) needs 36
 // multiplies per 4x4 output tile and channel pair instead of 144, but its transforms and 36 thin
 // GEMMs cost memory traffic: it won on every VGG-16 and ResNet-50 3x3 layer on a Zen 4 EPYC
-// (oneDNN at about 230 GFLOP/s on 2 cores) and on about half of them on Zen 5 (about 420), where
-// CNNKERNELS_CPU_WINOGRAD=measure has each problem run the way that measured faster
-// (measured_faster below).
+// (oneDNN at about 230 GFLOP/s on 2 cores) and on about half of them on Zen 5 (about 420), so
+// each problem runs the way that measured faster on this machine (measured_faster below).
 //
 // The output is cut into 4x4 tiles, and tiles into blocks that each thread runs start to end
 // while they stay in cache:
@@ -230,15 +229,16 @@ bool enough_tiles(int64_t N, int64_t OH, int64_t OW) {
   return N * tiles_h * tiles_w >= kMinTilesPerThread * at::get_num_threads() && inside >= kMinInside;
 }
 
-// CNNKERNELS_CPU_WINOGRAD: "0" never, "measure" where it also measured faster than the direct
-// path on this machine (below), otherwise wherever the geometry suits.
+// CNNKERNELS_CPU_WINOGRAD: "0" never, "1" wherever the geometry suits (the tests' setting, so
+// that they run these kernels), otherwise where it also measured faster than the direct path on
+// this machine (below).
 enum class Mode { kOff, kWherever, kMeasured };
 
 Mode mode() {
   static const Mode chosen = [] {
     const char* value = std::getenv("CNNKERNELS_CPU_WINOGRAD");
     const std::string setting = value ? value : "";
-    return setting == "0" ? Mode::kOff : setting == "measure" ? Mode::kMeasured : Mode::kWherever;
+    return setting == "0" ? Mode::kOff : setting == "1" ? Mode::kWherever : Mode::kMeasured;
   }();
   return chosen;
 }
@@ -253,10 +253,11 @@ bool enabled() { return mode() != Mode::kOff; }
 // depends on the CPU: oneDNN's direct conv runs about twice as fast on full-width AVX-512 (Zen 5
 // here on 2026-12-07, about 420 GFLOP/s on 2 cores) as on Zen 4 (about 230), where Winograd won
 // on every VGG-16 and ResNet-50 3x3 layer at batch 4; on Zen 5 it won on about half of them
-// (benchmarks/results/2026-12-07_CPU-AMD-EPYC-Zen5-2-threads_winograd-choice.txt). Not the
-// default: which way wins a close race follows the timing, so outputs would differ (by
+// (benchmarks/results/2026-12-07_CPU-AMD-EPYC-Zen5-2-threads_winograd-choice.txt), and at batch
+// 8 it lost on every ResNet-50 3x3 stride-1 layer (0.71-0.87x). The price, as with
+// cudnn.benchmark: which way wins a close race follows the timing, so outputs may differ (by
 // Winograd's rounding) from one process to the next, and the first call's timing picked the
-// slower way for one layer there. Deterministic mode keeps the geometric rule too.
+// slower way for one layer there. Deterministic mode keeps the geometric rule: no timing decides.
 at::Tensor measured_faster(std::vector<int64_t> key, const std::function<at::Tensor()>& winograd,
                            const std::function<at::Tensor()>& direct) {
   if (mode() == Mode::kWherever || at::globalContext().deterministicAlgorithms()) return winograd();

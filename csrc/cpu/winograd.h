@@ -3,10 +3,11 @@
 // stride 1, dilation 1, groups 1; fewer than 16 input or output channels; too few 4x4 output
 // tiles per thread or tiles mostly outside the output) or when its values do not (NaN,
 // infinities or huge values, which the transforms would spread or overflow): the caller then
-// runs the direct conv. Outputs take F.conv2d's memory format. CNNKERNELS_CPU_WINOGRAD=0 turns
-// Winograd off; =measure also leaves out the problems where `direct`, the caller's direct path,
-// measured faster (winograd.cpp, measured_faster): there each function returns undefined too,
-// except on the problem's first call, which times both ways and returns the direct path's output.
+// runs the direct conv. Nor does it run where `direct`, the caller's direct path, measured
+// faster for the problem: then it returns undefined too, except on the problem's first call,
+// which times both ways and returns the direct path's output (winograd.cpp, measured_faster).
+// Outputs take F.conv2d's memory format. CNNKERNELS_CPU_WINOGRAD=0 turns Winograd off, =1 runs
+// it wherever the geometry suits, unmeasured.
 #pragma once
 #include <ATen/ATen.h>
 
