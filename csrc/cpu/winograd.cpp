@@ -408,20 +408,22 @@ at::Tensor winograd_conv2d_bias_relu(const at::Tensor& input, const at::Tensor& 
       !suits(weight, input.size(0), input.size(1), weight.size(0), OH, OW, stride, dilation, groups)) {
     return {};
   }
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const auto output_format = conv_output_memory_format(input, weight);
   const auto winograd = [&]() -> at::Tensor {
     const at::Tensor u = weight_for(WeightForm::kWinograd, weight, input.size(0) * OH * OW,
                                     [&] { return transformed_weight(weight); });
     if (!u.defined()) return {};
     // Winograd runs in channels_last: NCHW input and output are converted (two copies).
-    const auto cl = at::MemoryFormat::ChannelsLast;
     const at::Tensor out = run(input.contiguous(cl), u, bias,
                                residual.defined() ? residual.contiguous(cl) : residual, padding[0], padding[1],
                                /*relu=*/true);
-    return out.defined() ? out.contiguous(conv_output_memory_format(input, weight)) : out;
+    return out.defined() ? out.contiguous(output_format) : out;
   };
-  const bool cl_input = input.is_contiguous(at::MemoryFormat::ChannelsLast);
+  // The layouts are part of the problem: they decide the conversions on both paths.
+  const bool cl_input = input.is_contiguous(cl), cl_output = output_format == cl;
   return measured_faster({0, input.size(0), input.size(1), weight.size(0), input.size(2), input.size(3), padding[0],
-                          padding[1], residual.defined(), cl_input},
+                          padding[1], residual.defined(), cl_input, cl_output},
                          winograd, direct);
 }
 
@@ -435,18 +437,20 @@ at::Tensor winograd_conv2d_input_grad(const at::Tensor& grad, const at::Tensor& 
              dilation, groups)) {
     return {};
   }
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const auto input_grad_format = conv_output_memory_format(input, weight);
   const auto winograd = [&]() -> at::Tensor {
     const at::Tensor u =
         weight_for(WeightForm::kWinogradInputGrad, weight, input.size(0) * input.size(2) * input.size(3),
                    [&] { return transformed_weight(weight.flip({2, 3}).transpose(0, 1)); });
     if (!u.defined()) return {};
-    const at::Tensor out = run(grad.contiguous(at::MemoryFormat::ChannelsLast), u, c10::nullopt, at::Tensor(),
-                               2 - padding[0], 2 - padding[1], /*relu=*/false);
-    return out.defined() ? out.contiguous(conv_output_memory_format(input, weight)) : out;
+    const at::Tensor out = run(grad.contiguous(cl), u, c10::nullopt, at::Tensor(), 2 - padding[0], 2 - padding[1],
+                               /*relu=*/false);
+    return out.defined() ? out.contiguous(input_grad_format) : out;
   };
-  const bool cl_grad = grad.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool cl_grad = grad.is_contiguous(cl), cl_input_grad = input_grad_format == cl;
   return measured_faster({1, grad.size(0), weight.size(0), weight.size(1), input.size(2), input.size(3), padding[0],
-                          padding[1], cl_grad},
+                          padding[1], cl_grad, cl_input_grad},
                          winograd, direct);
 }
 
