@@ -11,6 +11,7 @@ round by round; a cell is the best over all rounds, in ms.
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -72,6 +73,14 @@ def main():
     for layer, cells in best.items():
         row = [f"{cells[name][i]:8.2f}" for i in (0, 1) for name in SETTINGS]
         print(f"{layer:>14} | {' '.join(row[:3]):>38} | {' '.join(row[3:]):>46}")
+    for i, what in enumerate(["forward", "input gradient"]):
+        def geomean_speedup(ms):  # over the layers, against the direct path
+            return math.exp(sum(math.log(c["direct"][i] / ms(c)) for c in best.values()) / len(best))
+        print(f"geometric mean over the {len(best)} layers, {what}, against direct: "
+              f"winograd {geomean_speedup(lambda c: c['winograd'][i]):.2f}x, "
+              f"measured {geomean_speedup(lambda c: c['measured'][i]):.2f}x, "
+              f"the faster of direct and winograd per layer "
+              f"{geomean_speedup(lambda c: min(c['direct'][i], c['winograd'][i])):.2f}x")
 
 
 if __name__ == "__main__":

@@ -53,8 +53,9 @@ SHAPES = {
     "odd_sizes": (2, 17, 33, 21, 19, 1),
     "valid": (2, 16, 16, 18, 18, 0),
     "padding2": (1, 24, 20, 22, 22, 2),
-    # 588 tiles: two full blocks of 256 on one thread and a short one on the other
-    "several_blocks": (3, 64, 64, 56, 56, 1),
+    # 578 tiles: on 2 threads four blocks, the last 2 tiles short; on 1 or 3 threads three, the
+    # last 1 short
+    "several_blocks": (2, 64, 64, 68, 68, 1),
 }
 
 
@@ -91,6 +92,15 @@ def test_without_bias():
     no_bias = torch.zeros(32)
     assert_matches_reference(out, reference(x, weight, no_bias, geometry),
                              reference(x, weight, no_bias, geometry, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("shape", ["odd_sizes", "several_blocks"])
+def test_gemms_through_at_bmm_where_onednn_is_switched_off(shape):
+    """The 36 GEMMs run through oneDNN's matmul where it runs, else through at::bmm (MKL): with
+    oneDNN switched off the result must be as right."""
+    seeded()
+    with torch.backends.mkldnn.flags(enabled=False):
+        run("cuda", *make(*SHAPES[shape]))
 
 
 @pytest.mark.parametrize("where", ["input_nan", "input_inf", "input_huge", "weight_nan"])
@@ -274,8 +284,7 @@ def test_torch_compile_traces_the_backward_without_running_winograd_on_fake_tens
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_other_thread_counts(threads):
-    """Blocks follow the thread count (one thread: three blocks, the last short; three threads:
-    one block each): the result must not."""
+    """Blocks follow the thread count (SHAPES says how): the result must not."""
     seeded()
     x, weight, bias, geometry = make(*SHAPES["several_blocks"])
     torch.set_num_threads(threads)  # the autouse fixture restores it

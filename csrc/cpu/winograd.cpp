@@ -1,10 +1,12 @@
 // 3x3 stride-1 conv + bias (+ residual) + ReLU on the CPU through Winograd F(4x4, 3x3), for
 // fp32, and the input gradient of such convs. Why: oneDNN's direct conv already runs these
 // layers near the FMA peak, so only fewer multiplies make them faster. F(4x4, 3x3) needs 36
-// multiplies per 4x4 output tile and channel pair instead of 144, but its transforms and 36 thin
-// GEMMs cost memory traffic: it won on every VGG-16 and ResNet-50 3x3 layer on a Zen 4 EPYC
-// (oneDNN at about 230 GFLOP/s on 2 cores) and on about half of them on Zen 5 (about 420), so
-// each problem runs the way that measured faster on this machine (measured_faster below).
+// multiplies per 4x4 output tile and channel pair instead of 144, but its transforms cost memory
+// traffic, and its 36 thin GEMMs must run near the peak too: through at::bmm (MKL, which takes its
+// AVX2 path on AMD CPUs) they ran at about 40% of oneDNN's speed on a Zen 5 EPYC, and Winograd won
+// on half of the VGG-16 and ResNet-50 3x3 layers there; through oneDNN's matmul it ran 1.2-2.9x
+// the direct conv on all but the 7x7 one. Which way wins still depends on the CPU and the
+// problem, so each problem runs the way that measured faster on this machine (measured_faster).
 //
 // The output is cut into 4x4 tiles, and tiles into blocks that each thread runs start to end
 // while they stay in cache:
@@ -35,6 +37,14 @@
 #include "../conv_args.h"
 #include "elementwise.h"
 #include "weight_cache.h"
+
+// oneDNN's matmul as PyTorch wraps it: exported by libtorch_cpu but absent from its installed
+// headers. Declared weak, so that a torch without it still loads this extension (the GEMMs then
+// run through at::bmm).
+namespace at::native {
+[[gnu::weak]] void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta,
+                                 float alpha);
+}  // namespace at::native
 
 namespace cnnkernels::cpu {
 namespace {
@@ -207,13 +217,44 @@ CNNKERNELS_VECTOR_CLONES bool all_safe(const float* __restrict p, int64_t n) {
   return !any;
 }
 
-// Tiles per block: enough rows for an efficient GEMM, few enough that a block's V and M
-// (36 values per tile and channel each) stay near the cache, and at least one block per thread.
+// Whether at::native::mkldnn_matmul runs here: it exists, works (it refuses CPUs without AVX-512
+// or AVX-NE-CONVERT) and the user has not turned oneDNN off.
+bool onednn_matmul_usable() {
+  static const bool works = [] {
+    if (at::native::mkldnn_matmul == nullptr) return false;
+    try {
+      const at::Tensor a = at::ones({2, 16, 16}), c = at::empty({2, 16, 16});
+      at::native::mkldnn_matmul(a, a, c, 0.f, 1.f);
+      return c.eq(16).all().item<bool>();
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return works && at::globalContext().userEnabledMkldnn();
+}
+
+// m[i] = v[i] @ u[i] for the 36 Winograd points. Through oneDNN where it runs: MKL's sgemm, which
+// at::bmm calls, ran these shapes at 80-100 GFLOP/s per core on a Zen 5 EPYC (MKL takes its AVX2
+// path on AMD CPUs), oneDNN's at 200-245. Both honour torch.backends.mkldnn.matmul.fp32_precision
+// ("bf16" or "tf32" lowers the GEMMs' precision, as it does at::bmm's).
+void batched_gemm(const at::Tensor& v, const at::Tensor& u, at::Tensor& m) {
+  if (onednn_matmul_usable()) {
+    at::native::mkldnn_matmul(v, u, m, /*beta=*/0.f, /*alpha=*/1.f);
+  } else {
+    at::bmm_out(m, v, u);
+  }
+}
+
+// Tiles per block: the GEMM rows. oneDNN's GEMM wants about 128 of them (64 channels: 256), while
+// a block's V and M, 36 x 4 bytes per row and channel each, stay in the cache best when small;
+// measured on the VGG-16 and ResNet-50 layers at batch 4, between 64 and 256 rows. The blocks are
+// spread evenly over the threads: 196 tiles of 512 channels in 5 blocks for 2 threads ran 1.5x
+// slower than in 2.
 int64_t tiles_per_block(int64_t tiles, int64_t C, int64_t K) {
-  constexpr int64_t kBlockBytes = 3 << 20;
-  const int64_t fit = kBlockBytes / (36 * 4 * std::max(C, K));
-  const int64_t per_thread = (tiles + at::get_num_threads() - 1) / at::get_num_threads();
-  return std::max<int64_t>(1, std::min({std::max<int64_t>(fit, 32), int64_t{256}, per_thread}));
+  const int64_t rows = std::clamp<int64_t>(16384 / std::max(C, K), 128, 256);
+  const int64_t threads = at::get_num_threads();
+  const int64_t blocks = ((tiles + rows - 1) / rows + threads - 1) / threads * threads;
+  return (tiles + blocks - 1) / blocks;
 }
 
 // Winograd pays only with enough 4x4 tiles for every thread's GEMM rows, and when the tiles are
@@ -250,14 +291,13 @@ bool enabled() { return mode() != Mode::kOff; }
 // (weight caches, first touches of memory), then three times more, alternating, the best of
 // three counting. Undefined: run the direct path (the caller does, so that the input gradient
 // can come from the same convolution_backward call as the weight gradient). Which way wins
-// depends on the CPU: oneDNN's direct conv runs about twice as fast on full-width AVX-512 (Zen 5
-// here on 2026-12-07, about 420 GFLOP/s on 2 cores) as on Zen 4 (about 230), where Winograd won
-// on every VGG-16 and ResNet-50 3x3 layer at batch 4; on Zen 5 it won on about half of them
-// (benchmarks/results/2026-12-07_CPU-AMD-EPYC-Zen5-2-threads_winograd-choice.txt), and at batch
-// 8 it lost on every ResNet-50 3x3 stride-1 layer (0.71-0.87x). The price, as with
+// depends on the CPU and the problem: on a Zen 5 EPYC (2026-12-07) Winograd ran 1.2-2.9x the
+// direct conv on the VGG-16 and ResNet-50 3x3 stride-1 layers at batch 4 except 512 channels at
+// 7x7 (0.94x; benchmarks/results/2026-12-07_CPU-AMD-EPYC-Zen5-2-threads_winograd-onednn-gemm.txt),
+// and with its GEMMs through MKL it had lost on half of them. The price, as with
 // cudnn.benchmark: which way wins a close race follows the timing, so outputs may differ (by
-// Winograd's rounding) from one process to the next, and the first call's timing picked the
-// slower way for one layer there. Deterministic mode keeps the geometric rule: no timing decides.
+// Winograd's rounding) from one process to the next. Deterministic mode keeps the geometric
+// rule: no timing decides.
 at::Tensor measured_faster(std::vector<int64_t> key, const std::function<at::Tensor()>& winograd,
                            const std::function<at::Tensor()>& direct) {
   if (mode() == Mode::kWherever || at::globalContext().deterministicAlgorithms()) return winograd();
@@ -351,39 +391,36 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& u, const c10::optional<at:
     thread_local std::vector<float> v_scratch, m_scratch;
     v_scratch.resize(std::max(v_scratch.size(), static_cast<size_t>(36 * block * C)));
     m_scratch.resize(std::max(m_scratch.size(), static_cast<size_t>(36 * block * K)));
-    const at::Tensor v = at::from_blob(v_scratch.data(), {36, block, C}, x.options());
-    at::Tensor m = at::from_blob(m_scratch.data(), {36, block, K}, x.options());
     std::vector<float> edge(36 * C), y(16 * K);
-    float* vp = v.mutable_data_ptr<float>();
-    const float* mp = m.const_data_ptr<float>();
+    float* vp = v_scratch.data();
+    float* mp = m_scratch.data();
     for (int64_t blk = first; blk < last && !unsafe.load(std::memory_order_relaxed); ++blk) {
+      // V is (36, count, C) and M (36, count, K), both dense.
       const int64_t t0 = blk * block, count = std::min(block, tiles - t0);
       for (int64_t t = 0; t < count; ++t) {
         const int64_t tile = t0 + t, n = tile / (tiles_h * tiles_w);
         const int64_t ih = (tile / tiles_w % tiles_h) * 4 - pad_h, iw = tile % tiles_w * 4 - pad_w;
         const float* img = xp + n * H * W * C;
         if (ih >= 0 && iw >= 0 && ih + 6 <= H && iw + 6 <= W) {
-          input_transform(img + (ih * W + iw) * C, W * C, C, vp + t * C, block * C, C);
+          input_transform(img + (ih * W + iw) * C, W * C, C, vp + t * C, count * C, C);
         } else {  // a tile over the padding: gather its inside part, zeros elsewhere
           std::fill(edge.begin(), edge.end(), 0.f);
           for (int64_t p = std::max<int64_t>(0, -ih); p < std::min<int64_t>(6, H - ih); ++p)
             for (int64_t q = std::max<int64_t>(0, -iw); q < std::min<int64_t>(6, W - iw); ++q)
               std::copy_n(img + ((ih + p) * W + iw + q) * C, C, edge.data() + (p * 6 + q) * C);
-          input_transform(edge.data(), 6 * C, C, vp + t * C, block * C, C);
+          input_transform(edge.data(), 6 * C, C, vp + t * C, count * C, C);
         }
       }
-      bool safe = true;
-      for (int64_t i = 0; i < 36; ++i) safe = safe && all_safe(vp + i * block * C, count * C);
-      if (!safe) {
+      if (!all_safe(vp, 36 * count * C)) {
         unsafe = true;
         break;
       }
-      auto m_used = m.narrow(1, 0, count);
-      at::bmm_out(m_used, v.narrow(1, 0, count), u);
+      at::Tensor m = at::from_blob(mp, {36, count, K}, x.options());
+      batched_gemm(at::from_blob(vp, {36, count, C}, x.options()), u, m);
       for (int64_t t = 0; t < count; ++t) {
         const int64_t tile = t0 + t, n = tile / (tiles_h * tiles_w);
         const int64_t oh0 = (tile / tiles_w % tiles_h) * 4, ow0 = tile % tiles_w * 4;
-        output_transform(mp + t * K, block * K, y.data(), K);
+        output_transform(mp + t * K, count * K, y.data(), K);
         for (int64_t i = 0; i < 4 && oh0 + i < OH; ++i)
           for (int64_t j = 0; j < 4 && ow0 + j < OW; ++j) {
             const int64_t at = ((n * OH + oh0 + i) * OW + ow0 + j) * K;
