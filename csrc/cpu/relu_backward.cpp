@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <numeric>
 #include <tuple>
 #include <vector>
 
@@ -80,6 +81,27 @@ template <typename Rule, typename S = typename Rule::Storage, typename A = typen
   }
 }
 
+// channels_last with fewer than 16 channels, whose loop over C is too short to vectorize: the
+// rows as one span of n elements (n a multiple of C), with P = lcm(C, 16) accumulators, acc[j]
+// taking the elements at j mod P, so channel j mod C. (LeNet-5's first conv, 6 channels x 37,632
+// values at batch 8: 29 us per call with the row loop.)
+template <typename Rule, typename S = typename Rule::Storage, typename A = typename Rule::Acc>
+[[gnu::always_inline]] inline void periodic_loop(const S* g, const S* o, S* gi, A* acc, int64_t n, int64_t P) {
+  const int64_t full = n - n % P;
+  for (int64_t i = 0; i < full; i += P) {
+    for (int64_t j = 0; j < P; ++j) {
+      const S v = Rule::v(g[i + j], o[i + j]);
+      gi[i + j] = v;
+      acc[j] += Rule::acc(v);
+    }
+  }
+  for (int64_t i = full; i < n; ++i) {
+    const S v = Rule::v(g[i], o[i]);
+    gi[i] = v;
+    acc[i - full] += Rule::acc(v);
+  }
+}
+
 // NCHW: one plane of n elements; returns its sum, added in a fixed lane order.
 template <typename Rule, int64_t kLanes, typename S = typename Rule::Storage, typename A = typename Rule::Acc>
 [[gnu::always_inline]] inline A plane_loop(const S* g, const S* o, S* gi, int64_t n) {
@@ -111,6 +133,10 @@ template <typename Rule, int64_t kLanes, typename S = typename Rule::Storage, ty
                                               A_##SUFFIX* acc, int64_t rows, int64_t C) {              \
     rows_loop<Rule_##SUFFIX>(g, o, gi, acc, rows, C);                                                  \
   }                                                                                                    \
+  CNNKERNELS_VECTOR_CLONES void periodic_##SUFFIX(const S_##SUFFIX* g, const S_##SUFFIX* o,            \
+                                                  S_##SUFFIX* gi, A_##SUFFIX* acc, int64_t n, int64_t P) { \
+    periodic_loop<Rule_##SUFFIX>(g, o, gi, acc, n, P);                                                 \
+  }                                                                                                    \
   CNNKERNELS_VECTOR_CLONES A_##SUFFIX plane_##SUFFIX(const S_##SUFFIX* g, const S_##SUFFIX* o,         \
                                                      S_##SUFFIX* gi, int64_t n) {                      \
     constexpr int64_t short_lanes = sizeof(S_##SUFFIX) == 2 ? kLanes : kShortLanes;                   \
@@ -120,6 +146,10 @@ template <typename Rule, int64_t kLanes, typename S = typename Rule::Storage, ty
   inline void rows_span(const T* g, const T* o, T* gi, A_##SUFFIX* acc, int64_t rows, int64_t C) {     \
     rows_##SUFFIX(reinterpret_cast<const S_##SUFFIX*>(g), reinterpret_cast<const S_##SUFFIX*>(o),      \
                   reinterpret_cast<S_##SUFFIX*>(gi), acc, rows, C);                                    \
+  }                                                                                                    \
+  inline void periodic_span(const T* g, const T* o, T* gi, A_##SUFFIX* acc, int64_t n, int64_t P) {      \
+    periodic_##SUFFIX(reinterpret_cast<const S_##SUFFIX*>(g), reinterpret_cast<const S_##SUFFIX*>(o),  \
+                      reinterpret_cast<S_##SUFFIX*>(gi), acc, n, P);                                   \
   }                                                                                                    \
   inline A_##SUFFIX plane_sum(const T* g, const T* o, T* gi, int64_t n) {                              \
     return plane_##SUFFIX(reinterpret_cast<const S_##SUFFIX*>(g), reinterpret_cast<const S_##SUFFIX*>(o), \
@@ -136,16 +166,25 @@ void channels_last_pass(const T* g, const T* o, T* gi, T* grad_bias, int64_t row
   using acc_t = at::opmath_type<T>;
   const int64_t rows_per_chunk = std::max<int64_t>(64, (rows + kMaxChunks - 1) / kMaxChunks);
   const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
-  std::vector<acc_t> partial(static_cast<size_t>(chunks * C), acc_t(0));
+  // Accumulators per chunk: one per channel, or P = lcm(C, 16) for fewer than 16 channels.
+  const int64_t width = C < 16 ? C * 16 / std::gcd<int64_t>(C, 16) : C;
+  std::vector<acc_t> partial(static_cast<size_t>(chunks * width), acc_t(0));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const int64_t r0 = k * rows_per_chunk, r1 = std::min(rows, r0 + rows_per_chunk);
-      rows_span(g + r0 * C, o + r0 * C, gi + r0 * C, partial.data() + k * C, r1 - r0, C);
+      acc_t* acc = partial.data() + k * width;
+      if (width == C) {
+        rows_span(g + r0 * C, o + r0 * C, gi + r0 * C, acc, r1 - r0, C);
+      } else {
+        periodic_span(g + r0 * C, o + r0 * C, gi + r0 * C, acc, (r1 - r0) * C, width);
+      }
     }
   });
   for (int64_t c = 0; c < C; ++c) {
     acc_t sum = 0;
-    for (int64_t k = 0; k < chunks; ++k) sum += partial[k * C + c];
+    for (int64_t k = 0; k < chunks; ++k) {
+      for (int64_t j = c; j < width; j += C) sum += partial[k * width + j];
+    }
     grad_bias[c] = static_cast<T>(sum);
   }
 }
