@@ -83,8 +83,9 @@ template <typename Rule, typename S = typename Rule::Storage, typename A = typen
 
 // channels_last with fewer than 16 channels, whose loop over C is too short to vectorize: the
 // rows as one span of n elements (n a multiple of C), with P = lcm(C, 16) accumulators, acc[j]
-// taking the elements at j mod P, so channel j mod C. (LeNet-5's first conv, 6 channels x 37,632
-// values at batch 8: 29 us per call with the row loop.)
+// taking the elements at j mod P, so channel j mod C (8x6x28x28: 8.6 us per call, 15.2 with the
+// row loop). plane_loop below is the same loop with a compile-time P: given P at run time, it ran
+// 8x2048x7x7 NCHW planes 1.2x slower.
 template <typename Rule, typename S = typename Rule::Storage, typename A = typename Rule::Acc>
 [[gnu::always_inline]] inline void periodic_loop(const S* g, const S* o, S* gi, A* acc, int64_t n, int64_t P) {
   const int64_t full = n - n % P;
