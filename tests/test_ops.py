@@ -416,6 +416,28 @@ def test_bf16_convs_onednn_got_wrong(case, backend, device):
         assert out.is_contiguous(memory_format=conv_output_memory_format(x, weight))
 
 
+@pytest.mark.parametrize("backend", ["cuda", "auto"])
+def test_bf16_non_finite_input_found_anywhere(backend):
+    """The C++ CPU path scans bf16 inputs for NaN and infinities (which oneDNN's bf16 conv spreads)
+    in vectorized chunks of 65536 values split over threads: a value deep in the second chunk, at
+    an odd lane, must be found. F.conv2d itself got 36 outputs' NaN/infinity wrong on this input."""
+    seeded()
+    x = torch.randn(1, 1, 400, 400).contiguous(memory_format=torch.channels_last).bfloat16()
+    x.view(-1)[112_003] = float("inf")
+    weight, bias = torch.randn(4, 1, 3, 3).bfloat16(), torch.randn(4).bfloat16()
+    geometry = dict(stride=1, padding=1, dilation=1, groups=1)
+    torch_bf16 = reference(x, weight, bias, geometry, dtype=torch.float32).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with cnnkernels.use_backend(backend), poisoned_outputs():
+                out = cnnkernels.conv2d_relu(x, weight, bias, **geometry)
+            assert_matches_reference(out, reference(x, weight, bias, geometry), torch_bf16)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)

@@ -12,6 +12,7 @@
 // torch 2.14.1), where torch.relu keeps NaN.
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <algorithm>
 #include <atomic>
 #include <initializer_list>
 #include <torch/library.h>
@@ -63,15 +64,22 @@ bool cpu_runs_onednn_bf16() {
 #endif
 }
 
-// Whether a bf16 tensor holds no NaN or infinity (all exponent bits set).
+// 0 if some bf16 value in the span has every exponent bit set (NaN or infinity), else not 0:
+// the smallest of its complemented exponent bits, a reduction the compiler vectorizes (an OR of
+// comparisons stayed scalar and took longer than the conv on some 1x1 layers).
+CNNKERNELS_VECTOR_CLONES uint16_t min_complemented_exponent(const uint16_t* bits, int64_t n) {
+  uint16_t smallest = 0xFFFF;
+  for (int64_t i = 0; i < n; ++i) smallest = std::min(smallest, static_cast<uint16_t>(~(bits[i] | 0x807F)));
+  return smallest;
+}
+
+// Whether a bf16 tensor holds no NaN or infinity.
 bool all_finite_bf16(const at::Tensor& t) {
   if (!t.is_non_overlapping_and_dense()) return at::isfinite(t).all().item<bool>();
   const auto* bits = reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>());
   std::atomic<bool> finite{true};
   at::parallel_for(0, t.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
-    bool non_finite = false;
-    for (int64_t i = begin; i < end; ++i) non_finite |= (bits[i] & 0x7F80) == 0x7F80;
-    if (non_finite) finite.store(false, std::memory_order_relaxed);
+    if (min_complemented_exponent(bits + begin, end - begin) == 0) finite.store(false, std::memory_order_relaxed);
   });
   return finite.load(std::memory_order_relaxed);
 }

