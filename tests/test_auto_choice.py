@@ -57,11 +57,28 @@ def test_derive_trusts_no_backend_when_gpu_tests_failed():
         assert table == {} and "no backend is verified" in note
 
 
-def test_committed_table_follows_its_results_file():
+def test_committed_table_follows_its_results_files():
     committed = json.loads(auto_choice.TABLE_PATH.read_text())
-    for device, source in committed["sources"].items():
-        derived_device, table, _ = derive_tool.derive(json.loads((ROOT / source).read_text()))
+    for device, sources in committed["sources"].items():
+        derived_device, table, _ = derive_tool.derive_all([ROOT / source for source in sources])
         assert derived_device == device and committed["devices"][device] == table
+
+
+def test_results_files_join_and_may_not_both_measure_a_class(tmp_path):
+    def results_file(name, dtype, device="cpu"):
+        records = [dict(name="vgg16 64>64 3x3 @224", contender="eager", ms_p50=1.0, dtype=dtype),
+                   dict(name="vgg16 64>64 3x3 @224", contender="cuda", ms_p50=0.5, dtype=dtype)]
+        path = tmp_path / name
+        path.write_text(json.dumps(_results(device, records)))
+        return path
+
+    fp32, bf16 = results_file("fp32.json", "float32"), results_file("bf16.json", "bfloat16")
+    device, table, _ = derive_tool.derive_all([fp32, bf16])
+    assert device == "cpu" and table == {"conv:bfloat16:kxk": ["cuda"], "conv:float32:kxk": ["cuda"]}
+    with pytest.raises(ValueError, match="conv:float32:kxk is measured in both"):
+        derive_tool.derive_all([fp32, results_file("again.json", "float32")])
+    with pytest.raises(ValueError, match="one device type"):
+        derive_tool.derive_all([fp32, results_file("gpu.json", "bfloat16", device="cuda")])
 
 
 @pytest.mark.parametrize("listed, expected", [(["cuda"], "cuda"), ([], "torch"), (None, backends.AUTO_ORDER["cpu"][0])])

@@ -1,7 +1,10 @@
-"""Derives cnnkernels/auto_choice.json, what "auto" runs per layer class, from a results file.
+"""Derives cnnkernels/auto_choice.json, what "auto" runs per layer class, from results files.
 
-    python -m cnnkernels.bench.auto_choice RESULTS.json           prints the table it would write
-    python -m cnnkernels.bench.auto_choice RESULTS.json --write   merges it into auto_choice.json
+    python -m cnnkernels.bench.auto_choice RESULTS.json...           prints the table it would write
+    python -m cnnkernels.bench.auto_choice RESULTS.json... --write   merges it into auto_choice.json
+
+Several files of one device type (e.g. one run per dtype) give one table: each class must come
+from one file only.
 
 For each layer class (cnnkernels/auto_choice.py) the table lists our backends whose geometric
 mean speedup over PyTorch on that class's layers is above 1 - TIE[device], fastest first; "auto"
@@ -63,21 +66,40 @@ def derive(results):
     return device_type, table, ""
 
 
+def derive_all(sources):
+    """derive() over results files of one device type, their tables joined: (device type, table,
+    notes). A class measured in two files is an error: which one should count is not obvious."""
+    device_types, table, notes, origin = set(), {}, [], {}
+    for source in sources:
+        device_type, part, note = derive(json.loads(Path(source).read_text()))
+        device_types.add(device_type)
+        for klass in part:
+            if klass in origin:
+                raise ValueError(f"class {klass} is measured in both {origin[klass]} and {source}")
+            origin[klass] = source
+        table.update(part)
+        if note:
+            notes.append(f"{source}: {note}")
+    if len(device_types) != 1:
+        raise ValueError(f"results files of one device type expected, got {sorted(device_types)}")
+    return device_types.pop(), dict(sorted(table.items())), notes
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0].startswith("-"):
+    sources = [Path(a) for a in argv if not a.startswith("-")]
+    if not sources:
         print(__doc__)
         return 2
-    source = Path(argv[0])
-    device_type, table, note = derive(json.loads(source.read_text()))
+    device_type, table, notes = derive_all(sources)
     print(json.dumps({device_type: table}, indent=1))
-    if note:
+    for note in notes:
         print("note: " + note, file=sys.stderr)
     if "--write" in argv:
         path = auto_choice.TABLE_PATH
         current = json.loads(path.read_text()) if path.exists() else {"devices": {}, "sources": {}}
         current["devices"][device_type] = table
-        current["sources"][device_type] = source.as_posix()
+        current["sources"][device_type] = [source.as_posix() for source in sources]
         path.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
         auto_choice.reload()
         print(f"wrote {path}")
