@@ -255,6 +255,36 @@ def test_add_relu(layouts, dtype, backend, device):
     assert torch.equal(a, a_before) and torch.equal(b, b_before)
 
 
+def assert_equal_nan_where_torch_has_it(out, expected):
+    nan = expected.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(torch.where(nan, 0, out), torch.where(nan, 0, expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_16_bit_loops_equal_torch(dtype):
+    """The C++ CPU kernels' 16-bit ReLU loops (fp16: F16C intrinsics on x86; bf16: the compiler's
+    vectorized code) against torch in the same dtype, which also rounds the fp32 sum once: equal
+    values and NaN where torch has NaN, over lengths that leave vector tails (split over two
+    threads at the largest); then in place after a conv (the epilogue's ReLU-only loop), whose
+    fp16 conv runs in fp32 on CPUs without AVX-512 FP16."""
+    seeded()
+    for n in (6, 7, 8, 9, 1000, 2 * 65536 + 13):
+        a, b = (torch.randn(n) * 100).to(dtype), (torch.randn(n) * 100).to(dtype)
+        a[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-7, -1e-7, 3.0])
+        b[:6] = torch.tensor([1.0, -1.0, 5.0, -1e-7, 1e-7, float("nan")])
+        with cnnkernels.use_backend("cuda"), poisoned_outputs():
+            out = cnnkernels.add_relu(a, b)
+        assert_equal_nan_where_torch_has_it(out, torch.relu(a + b))
+    x = torch.randn(2, 8, 9, 9).to(dtype)
+    x[0, 1, 2, 3] = float("nan")
+    weight, bias = (torch.randn(5, 8, 3, 3) / 8).to(dtype), torch.randn(5).to(dtype)
+    geometry = dict(stride=1, padding=1, dilation=1, groups=1)
+    with cnnkernels.use_backend("cuda"), poisoned_outputs():
+        out = cnnkernels.conv2d_relu(x, weight, bias, **geometry)
+    assert_matches_reference(out, reference(x, weight, bias, geometry), reference(x, weight, bias, geometry, dtype=dtype))
+
+
 def permuted(shape, order, device):
     """A dense random tensor of `shape` whose dimensions lie in memory in `order`, outermost first."""
     t = torch.randn([shape[d] for d in order], device=device)

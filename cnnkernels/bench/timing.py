@@ -180,7 +180,13 @@ def _matmul_flops(timer, n, dtype, gen):
             ms = min(ms, timer.time(lambda i: conv(x, w, None, [0, 0], [1, 1], [1, 1], 1, "none", [], "")).p50)
         except RuntimeError:  # a dtype this CPU's oneDNN does not take
             pass
-    return 2 * n ** 3 / (ms * 1e-3)
+    flops = 2 * n ** 3 / (ms * 1e-3)
+    if timer.device == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        # A 16-bit dtype can always be computed in fp32, as CPUs without 16-bit arithmetic (and
+        # PyTorch's fp16 kernels on them) do: its ceiling is at least fp32's. fp16's own GEMM on a
+        # Zen 5 ran at a small fraction of it and put layers at 4,000-22,000% of the "roofline".
+        flops = max(flops, _matmul_flops(timer, n, torch.float32, gen))
+    return flops
 
 
 def measure_peaks(timer, dtypes, quick=False):

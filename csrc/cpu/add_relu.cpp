@@ -1,9 +1,14 @@
 // relu(a + b) in one multithreaded pass. The inner loop is plain C++ that the compiler
 // vectorizes; target_clones builds it for AVX-512, AVX2 and baseline x86-64 and picks one
-// at load time, so the extension still runs on any x86-64 CPU.
+// at load time, so the extension still runs on any x86-64 CPU. fp16 on x86 CPUs with F16C
+// takes an intrinsics loop instead (add_relu_f16c).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "../conv_args.h"
 #include "elementwise.h"
@@ -35,7 +40,42 @@ CNNKERNELS_DEFINE_SPAN(at::Half, span_f16)
 inline void span(const float* a, const float* b, float* o, int64_t n) { span_f32(a, b, o, n); }
 inline void span(const double* a, const double* b, double* o, int64_t n) { span_f64(a, b, o, n); }
 inline void span(const at::BFloat16* a, const at::BFloat16* b, at::BFloat16* o, int64_t n) { span_bf16(a, b, o, n); }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// fp16 through F16C's conversion instructions. The compiler vectorizes neither c10::Half's
+// conversion well (0.28 ns per element: 0.66-0.84x eager torch.relu(x + y)) nor GCC 12's
+// _Float16 (library calls, 5 ns); these ran 0.08 ns (Zen 5, one thread). NaN stays NaN: the
+// comparison is false for it, and the conversion keeps it a (quiet) NaN.
+__attribute__((target("avx2,f16c"), always_inline)) inline __m256 load_f16c(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+template <bool kAdd>
+__attribute__((target("avx2,f16c"))) void add_relu_f16c(const at::Half* a, const at::Half* b, at::Half* out,
+                                                        int64_t n) {
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 s = load_f16c(a + i);
+    if constexpr (kAdd) s = _mm256_add_ps(s, load_f16c(b + i));
+    s = _mm256_blendv_ps(s, zero, _mm256_cmp_ps(s, zero, _CMP_LT_OQ));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm256_cvtps_ph(s, _MM_FROUND_TO_NEAREST_INT));
+  }
+  add_relu_loop<at::Half, kAdd>(a + i, kAdd ? b + i : nullptr, out + i, n - i);
+}
+
+bool cpu_has_f16c() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+inline void span(const at::Half* a, const at::Half* b, at::Half* o, int64_t n) {
+  if (!cpu_has_f16c()) return span_f16(a, b, o, n);
+  if (b) add_relu_f16c<true>(a, b, o, n); else add_relu_f16c<false>(a, b, o, n);
+}
+#else
 inline void span(const at::Half* a, const at::Half* b, at::Half* o, int64_t n) { span_f16(a, b, o, n); }
+#endif
 
 constexpr int64_t kGrain = 1 << 15;
 

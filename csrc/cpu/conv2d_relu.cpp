@@ -1,7 +1,8 @@
 // Conv + bias (+ residual) + ReLU on the CPU. 3x3 stride-1 fp32 convs with enough channels run
 // through Winograd with the epilogue fused (winograd.cpp). Others: the convolution with its
 // bias, then one fused residual+ReLU pass in place.
-// Tiny fp32 convs (LeNet-5's; see tiny_conv) take ATen's own im2col + GEMM kernel.
+// Tiny fp32 convs (LeNet-5's; see tiny_conv) take ATen's own im2col + GEMM kernel. fp16 convs
+// run in fp32 where PyTorch's oneDNN lacks fp16 (most x86 CPUs; see cpu_runs_onednn_fp16).
 // For channels_last input the convolution is oneDNN's (mkldnn::_convolution_pointwise, the
 // primitive PyTorch's own CPU fusion uses) with the weight handed over already reordered into
 // oneDNN's blocked layout (cached: weight_cache.h), which saves 1.1-2.3x on layers with large
@@ -71,6 +72,19 @@ CNNKERNELS_VECTOR_CLONES uint16_t min_complemented_exponent(const uint16_t* bits
   uint16_t smallest = 0xFFFF;
   for (int64_t i = 0; i < n; ++i) smallest = std::min(smallest, static_cast<uint16_t>(~(bits[i] | 0x807F)));
   return smallest;
+}
+
+// PyTorch's oneDNN takes fp16 only on CPUs with AVX-512 FP16 (mkldnn_fp16_device_check; those
+// with AMX-FP16 have it too). Elsewhere at::convolution's fp16 conv is ATen's slow fallback, which
+// ran 20-40x slower than fp32 on a Zen 5 (VGG-16's 64>64 3x3 at 224x224, batch 4: 375 ms): fp16
+// convs run in fp32 there, rounded to fp16 once, as the bf16 convs below that oneDNN gets wrong.
+bool cpu_runs_onednn_fp16() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool ok = __builtin_cpu_supports("avx512fp16");
+  return ok;
+#else
+  return false;
+#endif
 }
 
 // Whether a bf16 tensor holds no NaN or infinity.
@@ -188,24 +202,30 @@ at::Tensor conv2d_bias_act_direct(const at::Tensor& input, const at::Tensor& wei
                                   ? at::MemoryFormat::Contiguous
                                   : format;
   const at::Tensor x_in = input.contiguous(compute_format);
-  const bool bf16_in_fp32 = input.scalar_type() == at::kBFloat16 &&
-                            onednn_bf16_gets_wrong(compute_format == CL && shape.OW == 1 && stride[1] > 1, {x_in});
-  const at::Tensor x = bf16_in_fp32 ? x_in.to(at::kFloat) : x_in;
+  const bool in_fp32 =
+      input.scalar_type() == at::kHalf
+          ? !cpu_runs_onednn_fp16()
+          : input.scalar_type() == at::kBFloat16 &&
+                onednn_bf16_gets_wrong(compute_format == CL && shape.OW == 1 && stride[1] > 1, {x_in});
+  const at::Tensor x = in_fp32 ? x_in.to(at::kFloat) : x_in;
   // at::convolution computes in channels_last when the weight is so: NCHW needs both NCHW.
   const at::Tensor w_in = compute_format == format ? weight : weight.contiguous();
-  const at::Tensor w = bf16_in_fp32 ? w_in.to(at::kFloat) : w_in;
+  const at::Tensor w = in_fp32 ? w_in.to(at::kFloat) : w_in;
   const c10::optional<at::Tensor> b =
-      bf16_in_fp32 && bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : bias;
+      in_fp32 && bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : bias;
   const at::Tensor r = residual.defined() ? residual.contiguous(format) : residual;
 
   const bool tiny = tiny_conv(x, w, stride, padding, dilation, groups);
   // The reordered weight makes oneDNN compute in channels_last: only for channels_last input. A
-  // weight that changes between calls (training) is not reordered: at::convolution takes it.
+  // weight that changes between calls (training) is not reordered: at::convolution takes it. The
+  // cache keeps one dtype per weight: a bf16 weight's is bf16, so its calls in fp32 skip it; an
+  // fp16 weight's is fp32 (w), which all its calls use.
+  const bool cached_dtype_fits = !(in_fp32 && input.scalar_type() == at::kBFloat16);
   at::Tensor reordered;
-  if (!tiny && !bf16_in_fp32 && compute_format == CL && reordered_onednn_takes(x, w, groups)) {
+  if (!tiny && cached_dtype_fits && compute_format == CL && reordered_onednn_takes(x, w, groups)) {
     const PreparedWeight prepared = prepared_weight(
         WeightForm::kOneDnnBlocked, weight, x.sizes(), stride, padding, dilation, groups,
-        [&] { return reorder_for_onednn(weight, x.sizes(), stride, padding, dilation, groups); });
+        [&] { return reorder_for_onednn(w, x.sizes(), stride, padding, dilation, groups); });
     if (!prepared.changing) reordered = prepared.tensor;
   }
   at::Tensor out = tiny                 ? conv_tiny(x, w, b, stride, padding, compute_format)
@@ -280,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad, const a
                                                  const at::Tensor& weight, at::IntArrayRef stride,
                                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                                  bool input_grad, bool weight_grad, bool values_readable) {
-  bool in_fp32 = false;
+  bool in_fp32 = input.scalar_type() == at::kHalf && !cpu_runs_onednn_fp16();
   if (input.scalar_type() == at::kBFloat16) {  // only then the sizes: torch.compile may trace them symbolic
     const bool narrow = stride[1] > 1 &&
                         conv_output_memory_format(input, weight) == at::MemoryFormat::ChannelsLast &&
