@@ -256,6 +256,32 @@ def assert_gradients_match(ours, ref, torch_bf16):
             raise AssertionError(f"{name} gradient: {e}") from None
 
 
+@pytest.mark.parametrize("backend", ["cuda", "auto"])
+def test_fp16_conv_gradients_on_the_cpu(backend):
+    """fp16 convs run in fp32 where PyTorch's oneDNN lacks fp16 (ATen's fp16 fallback is 20-40x
+    slower), rounded once, in the backward too: every gradient in fp16 and within the tolerance
+    rule of float64, PyTorch's own error taken from fp32 rounded to fp16."""
+    torch.manual_seed(0)
+    geometry = dict(stride=1, padding=1, dilation=1, groups=1)
+    channels_last = dict(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 7, 7).half().contiguous(**channels_last)
+    weight, bias = (torch.randn(6, 8, 3, 3) / 72 ** 0.5).half(), torch.randn(6).half()
+    residual = torch.randn(2, 6, 7, 7).half().contiguous(**channels_last)
+    grad = torch.randn(2, 6, 7, 7).half().contiguous(**channels_last)
+
+    def gradients(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, weight, bias, residual)]
+        cnnkernels.conv2d_add_relu(leaves[0], leaves[1], leaves[3], leaves[2], **geometry).backward(grad.to(dtype))
+        return [t.grad for t in leaves]
+
+    with cnnkernels.use_backend(backend), poisoned_outputs():
+        ours = gradients(torch.float16)
+    with cnnkernels.use_backend("torch"):
+        ref, torch_fp16 = gradients(torch.float64), [g.half() for g in gradients(torch.float32)]
+    assert all(g.dtype == torch.float16 for g in ours)
+    assert_gradients_match(ours, ref, torch_fp16)
+
+
 # The Triton ops' backward calls aten.convolution_backward as it is; on CPU tensors they run only in
 # Triton's interpreter, for testing.
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
