@@ -210,27 +210,28 @@ at::Tensor conv2d_bias_act_direct(const at::Tensor& input, const at::Tensor& wei
   const at::Tensor x = in_fp32 ? x_in.to(at::kFloat) : x_in;
   // at::convolution computes in channels_last when the weight is so: NCHW needs both NCHW.
   const at::Tensor w_in = compute_format == format ? weight : weight.contiguous();
-  const at::Tensor w = in_fp32 ? w_in.to(at::kFloat) : w_in;
+  // Converted only where a conv reads it: a cached reordered weight needs no conversion per call.
+  const auto w = [&] { return in_fp32 ? w_in.to(at::kFloat) : w_in; };
   const c10::optional<at::Tensor> b =
       in_fp32 && bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : bias;
   const at::Tensor r = residual.defined() ? residual.contiguous(format) : residual;
 
-  const bool tiny = tiny_conv(x, w, stride, padding, dilation, groups);
+  const bool tiny = tiny_conv(x, w_in, stride, padding, dilation, groups);  // w's sizes, x's dtype
   // The reordered weight makes oneDNN compute in channels_last: only for channels_last input. A
   // weight that changes between calls (training) is not reordered: at::convolution takes it. The
   // cache keeps one dtype per weight: a bf16 weight's is bf16, so its calls in fp32 skip it; an
-  // fp16 weight's is fp32 (w), which all its calls use.
+  // fp16 weight's is fp32 (w()), which all its calls use.
   const bool cached_dtype_fits = !(in_fp32 && input.scalar_type() == at::kBFloat16);
   at::Tensor reordered;
-  if (!tiny && cached_dtype_fits && compute_format == CL && reordered_onednn_takes(x, w, groups)) {
+  if (!tiny && cached_dtype_fits && compute_format == CL && reordered_onednn_takes(x, w_in, groups)) {
     const PreparedWeight prepared = prepared_weight(
         WeightForm::kOneDnnBlocked, weight, x.sizes(), stride, padding, dilation, groups,
-        [&] { return reorder_for_onednn(w, x.sizes(), stride, padding, dilation, groups); });
+        [&] { return reorder_for_onednn(w(), x.sizes(), stride, padding, dilation, groups); });
     if (!prepared.changing) reordered = prepared.tensor;
   }
-  at::Tensor out = tiny                 ? conv_tiny(x, w, b, stride, padding, compute_format)
+  at::Tensor out = tiny                 ? conv_tiny(x, w(), b, stride, padding, compute_format)
                    : reordered.defined() ? conv_onednn(x, reordered, b, stride, padding, dilation, groups)
-                   : at::convolution(x, w, b, stride, padding, dilation, /*transposed=*/false, {0, 0}, groups);
+                   : at::convolution(x, w(), b, stride, padding, dilation, /*transposed=*/false, {0, 0}, groups);
   out = output_strided_as(out.to(input.scalar_type()), format);
   add_relu_dense(out, r, out);
   if (tiny) tiny_runs.fetch_add(1, std::memory_order_relaxed);
