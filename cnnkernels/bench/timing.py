@@ -180,13 +180,7 @@ def _matmul_flops(timer, n, dtype, gen):
             ms = min(ms, timer.time(lambda i: conv(x, w, None, [0, 0], [1, 1], [1, 1], 1, "none", [], "")).p50)
         except RuntimeError:  # a dtype this CPU's oneDNN does not take
             pass
-    flops = 2 * n ** 3 / (ms * 1e-3)
-    if timer.device == "cpu" and dtype in (torch.float16, torch.bfloat16):
-        # A 16-bit dtype can always be computed in fp32, as CPUs without 16-bit arithmetic (and
-        # PyTorch's fp16 kernels on them) do: its ceiling is at least fp32's. fp16's own GEMM on a
-        # Zen 5 ran at a small fraction of it and put layers at 4,000-22,000% of the "roofline".
-        flops = max(flops, _matmul_flops(timer, n, torch.float32, gen))
-    return flops
+    return 2 * n ** 3 / (ms * 1e-3)
 
 
 def measure_peaks(timer, dtypes, quick=False):
@@ -195,7 +189,16 @@ def measure_peaks(timer, dtypes, quick=False):
     device = timer.device
     gen = torch.Generator(device=device).manual_seed(0)
     n = 8192 if device == "cuda" else (1024 if quick else 2048)
-    peaks = {"matmul_n": n, "matmul_flops": {dtype_name(d): _matmul_flops(timer, n, d, gen) for d in dtypes}}
+    flops = {d: _matmul_flops(timer, n, d, gen) for d in dtypes}
+    sixteen_bit = [d for d in dtypes if d in (torch.float16, torch.bfloat16)]
+    if device == "cpu" and sixteen_bit:
+        # A 16-bit dtype can always be computed in fp32, as CPUs without 16-bit arithmetic (and
+        # PyTorch's fp16 kernels on them) do: its ceiling is at least fp32's. fp16's own GEMM on a
+        # Zen 5 ran at a small fraction of it and put layers at 4,000-22,000% of the "roofline".
+        fp32 = flops[torch.float32] if torch.float32 in flops else _matmul_flops(timer, n, torch.float32, gen)
+        for d in sixteen_bit:
+            flops[d] = max(flops[d], fp32)
+    peaks = {"matmul_n": n, "matmul_flops": {dtype_name(d): f for d, f in flops.items()}}
     numel = (1 << 28) if device == "cuda" else ((8 << 20) if quick else (32 << 20))  # fp32 elements
     src = torch.randn(numel, device=device, generator=gen)
     dst = torch.empty_like(src)
