@@ -95,6 +95,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "How many convs this process has completed through the CPU Winograd kernel");
   m.def("cpu_tiny_conv_runs", &cnnkernels::cpu::tiny_conv_runs,
         "How many convs this process has run as tiny convs through ATen's im2col + GEMM kernel");
+  m.def("cpu_relu_post_op_runs", &cnnkernels::cpu::relu_post_op_conv_runs,
+        "How many convs this process has run with oneDNN's ReLU post-op instead of the ReLU pass");
   m.def("conv2d_relu", &conv2d_relu, "torch.ops.cnnkernels.conv2d_relu, for plain eager calls");
   m.def("conv2d_add_relu", &conv2d_add_relu, "torch.ops.cnnkernels.conv2d_add_relu, for plain eager calls");
   m.def("add_relu", &add_relu, "torch.ops.cnnkernels.add_relu, for plain eager calls");

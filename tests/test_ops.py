@@ -63,14 +63,15 @@ def make_conv(case, dtype, device, layout):
 
 
 def reference(x, weight, bias, geometry, residual=None, dtype=torch.float64):
-    out = F.conv2d(x.to(dtype), weight.to(dtype), bias.to(dtype), **geometry)
+    out = F.conv2d(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), **geometry)
     if residual is not None:
         out = out + residual.to(dtype)
     return torch.relu(out)
 
 
 def check_conv(backend, op, x, weight, bias, geometry, residual=None):
-    inputs = [t.clone() for t in (x, weight, bias) + ((residual,) if residual is not None else ())]
+    operands = [t for t in (x, weight, bias, residual) if t is not None]
+    inputs = [t.clone() for t in operands]
     with cnnkernels.use_backend(backend), poisoned_outputs():
         if residual is None:
             out = cnnkernels.conv2d_relu(x, weight, bias, **geometry)
@@ -79,7 +80,7 @@ def check_conv(backend, op, x, weight, bias, geometry, residual=None):
     assert_matches_reference(out, reference(x, weight, bias, geometry, residual),
                              reference(x, weight, bias, geometry, residual, dtype=x.dtype))
     assert out.is_contiguous(memory_format=conv_output_memory_format(x, weight))
-    for before, after in zip(inputs, (x, weight, bias, residual)):
+    for before, after in zip(inputs, operands):
         assert torch.equal(before.nan_to_num(0.5), after.nan_to_num(0.5)), "an input was modified"
     return out
 

@@ -1,6 +1,6 @@
 // Conv + bias (+ residual) + ReLU on the CPU. 3x3 stride-1 fp32 convs with enough channels run
 // through Winograd with the epilogue fused (winograd.cpp). Others: the convolution with its
-// bias, then one fused residual+ReLU pass in place.
+// bias, then one fused residual+ReLU pass in place, or the ReLU as oneDNN's post-op (below).
 // Tiny fp32 convs (LeNet-5's; see tiny_conv) take ATen's own im2col + GEMM kernel. fp16 convs
 // run in fp32 where PyTorch's oneDNN lacks fp16 (most x86 CPUs; see cpu_runs_onednn_fp16).
 // For channels_last input the convolution is oneDNN's (mkldnn::_convolution_pointwise, the
@@ -9,13 +9,19 @@
 // weights and small images (measured at batch 4, fp32). Otherwise (NCHW input, tiny or changing
 // weights) it is at::convolution, as F.conv2d runs it: there the boxed oneDNN call only adds
 // cost (1x1 64->64 at 56x56, batch 1, NCHW: 345 vs 286 us).
-// oneDNN's fused ReLU post-op is not used because it turns NaN into 0 (measured here with
-// torch 2.14.1), where torch.relu keeps NaN.
+// oneDNN's fused ReLU post-op turns NaN into 0 (measured here with torch 2.14.1), where torch.relu
+// keeps NaN: it runs only on the reordered-weight path without a residual, where no output can be
+// NaN (relu_post_op_exact) and checking that costs less than the ReLU pass it saves (convs whose
+// output outweighs their input and weight; 1.06-1.54x there at batch 4 on a Zen 5,
+// benchmarks/results/2026-12-07_CPU-AMD-EPYC-Zen5-2-threads_relu-post-op.txt).
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <initializer_list>
+#include <limits>
+#include <optional>
 #include <torch/library.h>
 
 #include "../conv_args.h"
@@ -33,11 +39,11 @@ c10::optional<c10::OperatorHandle> find_op(const char* name, const char* overloa
 
 at::Tensor conv_onednn(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                       int64_t groups) {
+                       int64_t groups, bool relu) {
   static const auto op = find_op("mkldnn::_convolution_pointwise", "");
   const c10::IValue none;
   torch::jit::Stack stack{x, w, (bias.has_value() && bias->defined()) ? c10::IValue(*bias) : none,
-                          padding.vec(), stride.vec(), dilation.vec(), groups, std::string("none"),
+                          padding.vec(), stride.vec(), dilation.vec(), groups, std::string(relu ? "relu" : "none"),
                           c10::List<c10::optional<at::Scalar>>(), none};
   op->callBoxed(&stack);
   return stack.at(0).toTensor();
@@ -65,13 +71,18 @@ bool cpu_runs_onednn_bf16() {
 #endif
 }
 
-// 0 if some bf16 value in the span has every exponent bit set (NaN or infinity), else not 0:
-// the smallest of its complemented exponent bits, a reduction the compiler vectorizes (an OR of
-// comparisons stayed scalar and took longer than the conv on some 1x1 layers).
-CNNKERNELS_VECTOR_CLONES uint16_t min_complemented_exponent(const uint16_t* bits, int64_t n) {
-  uint16_t smallest = 0xFFFF;
-  for (int64_t i = 0; i < n; ++i) smallest = std::min(smallest, static_cast<uint16_t>(~(bits[i] | 0x807F)));
-  return smallest;
+// The largest of the masked bits (here: exponent fields), a max reduction the compiler vectorizes
+// (an OR of comparisons stayed scalar and took longer than the conv on some 1x1 layers).
+CNNKERNELS_VECTOR_CLONES uint16_t max_masked_bits16(const uint16_t* bits, int64_t n, uint16_t mask) {
+  uint16_t largest = 0;
+  for (int64_t i = 0; i < n; ++i) largest = std::max(largest, static_cast<uint16_t>(bits[i] & mask));
+  return largest;
+}
+
+CNNKERNELS_VECTOR_CLONES uint32_t max_masked_bits32(const uint32_t* bits, int64_t n, uint32_t mask) {
+  uint32_t largest = 0;
+  for (int64_t i = 0; i < n; ++i) largest = std::max(largest, bits[i] & mask);
+  return largest;
 }
 
 // PyTorch's oneDNN takes fp16 only on CPUs with AVX-512 FP16 (mkldnn_fp16_device_check; those
@@ -87,15 +98,42 @@ bool cpu_runs_onednn_fp16() {
 #endif
 }
 
-// Whether a bf16 tensor holds no NaN or infinity.
-bool all_finite_bf16(const at::Tensor& t) {
-  if (!t.is_non_overlapping_and_dense()) return at::isfinite(t).all().item<bool>();
-  const auto* bits = reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>());
-  std::atomic<bool> finite{true};
-  at::parallel_for(0, t.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
-    if (min_complemented_exponent(bits + begin, end - begin) == 0) finite.store(false, std::memory_order_relaxed);
-  });
-  return finite.load(std::memory_order_relaxed);
+constexpr int kNotFinite = std::numeric_limits<int>::max();
+
+// A bound on t's magnitudes, from one read of its exponent bits: every value v has |v| < 2^bound,
+// or kNotFinite if t holds NaN or an infinity (or is not fp32, bf16 or fp16).
+int magnitude_bound(const at::Tensor& t) {
+  const at::Tensor c = t.is_non_overlapping_and_dense() ? t : t.contiguous();
+  const auto chunks = [&](auto reduce) {  // the largest masked bits over every chunk
+    std::atomic<uint32_t> largest{0};
+    at::parallel_for(0, c.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+      const uint32_t mine = reduce(begin, end - begin);
+      uint32_t seen = largest.load(std::memory_order_relaxed);
+      while (mine > seen && !largest.compare_exchange_weak(seen, mine, std::memory_order_relaxed)) {
+      }
+    });
+    return largest.load(std::memory_order_relaxed);
+  };
+  // The exponent field e (all ones: NaN or infinity) bounds |v| < 2^(e + 1 - bias), subnormals too.
+  const auto bound = [](uint32_t e, uint32_t all_ones, int bias) {
+    return e == all_ones ? kNotFinite : static_cast<int>(e) + 1 - bias;
+  };
+  const void* data = c.const_data_ptr();
+  const auto* bits16 = static_cast<const uint16_t*>(data);
+  const auto* bits32 = static_cast<const uint32_t*>(data);
+  switch (c.scalar_type()) {
+    case at::kFloat:
+      return bound(chunks([&](int64_t i, int64_t n) { return max_masked_bits32(bits32 + i, n, 0x7F800000u); }) >> 23,
+                   0xFF, 127);
+    case at::kBFloat16:
+      return bound(chunks([&](int64_t i, int64_t n) { return max_masked_bits16(bits16 + i, n, 0x7F80); }) >> 7, 0xFF,
+                   127);
+    case at::kHalf:
+      return bound(chunks([&](int64_t i, int64_t n) { return max_masked_bits16(bits16 + i, n, 0x7C00); }) >> 10, 0x1F,
+                   15);
+    default:
+      return kNotFinite;
+  }
 }
 
 // oneDNN's bf16 convs (torch 2.14.1 and 2.11.0, AVX-512 BF16; found by random searches against
@@ -106,12 +144,32 @@ bool all_finite_bf16(const at::Tensor& t) {
 // bf16 conv is one of those, given whether it is that narrow and its operands that may hold NaN
 // (the input; in the backward, the gradient too). Such convs run in fp32, which oneDNN gets
 // right, rounded to bf16 once as the bf16 kernels round their fp32 sums.
-bool onednn_bf16_gets_wrong(bool narrow_strided_channels_last, std::initializer_list<at::Tensor> may_hold_nan) {
-  if (narrow_strided_channels_last) return true;
-  for (const at::Tensor& t : may_hold_nan) {
-    if (!all_finite_bf16(t)) return true;
-  }
-  return false;
+bool onednn_bf16_gets_wrong(bool narrow_strided_channels_last, std::initializer_list<int> may_hold_nan_bounds) {
+  return narrow_strided_channels_last ||
+         std::any_of(may_hold_nan_bounds.begin(), may_hold_nan_bounds.end(), [](int b) { return b == kNotFinite; });
+}
+
+std::atomic<int64_t> relu_post_op_runs{0};
+
+// Whether oneDNN's ReLU post-op, which turns NaN into 0, gives torch.relu's result: whether no
+// output can be NaN, given magnitude_bound of the input (read by the caller, often already). That
+// holds when input, weight and bias are finite and no sum of the taps' products can overflow:
+// |sum| < taps * 2^(x + w) + 2^b <= 2^127 < FLT_MAX (fp32 accumulation, in bf16 convs too) when
+// x + w + log2(taps) <= 126 and b <= 126. A -0.0 output comes out +0.0, as from torch.compile's
+// oneDNN fusion; torch.relu keeps -0.0.
+// CNNKERNELS_CPU_RELU_POST_OP=0 keeps the ReLU pass everywhere (-0.0 too, and for A/B timings).
+bool relu_post_op_exact(int input_bound, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  static const bool enabled = [] {
+    const char* value = std::getenv("CNNKERNELS_CPU_RELU_POST_OP");
+    return !(value && std::string(value) == "0");
+  }();
+  if (!enabled || input_bound == kNotFinite) return false;
+  const int weight_bound = magnitude_bound(w);
+  if (weight_bound == kNotFinite) return false;
+  if (bias.has_value() && bias->defined() && magnitude_bound(*bias) > 126) return false;
+  int log2_taps = 0;
+  while ((int64_t{1} << log2_taps) < w.size(1) * w.size(2) * w.size(3)) ++log2_taps;
+  return input_bound + weight_bound + log2_taps <= 126;
 }
 
 // Whether oneDNN's channels_last conv (fp32 and bf16, torch 2.14.1 and 2.11.0) may crash on this
@@ -202,11 +260,13 @@ at::Tensor conv2d_bias_act_direct(const at::Tensor& input, const at::Tensor& wei
                                   ? at::MemoryFormat::Contiguous
                                   : format;
   const at::Tensor x_in = input.contiguous(compute_format);
+  std::optional<int> x_in_bound;  // x_in's magnitude_bound, read at most once
+  const auto input_bound = [&] { return x_in_bound ? *x_in_bound : *(x_in_bound = magnitude_bound(x_in)); };
   const bool in_fp32 =
       input.scalar_type() == at::kHalf
           ? !cpu_runs_onednn_fp16()
           : input.scalar_type() == at::kBFloat16 &&
-                onednn_bf16_gets_wrong(compute_format == CL && shape.OW == 1 && stride[1] > 1, {x_in});
+                onednn_bf16_gets_wrong(compute_format == CL && shape.OW == 1 && stride[1] > 1, {input_bound()});
   const at::Tensor x = in_fp32 ? x_in.to(at::kFloat) : x_in;
   // at::convolution computes in channels_last when the weight is so: NCHW needs both NCHW.
   const at::Tensor w_in = compute_format == format ? weight : weight.contiguous();
@@ -229,11 +289,23 @@ at::Tensor conv2d_bias_act_direct(const at::Tensor& input, const at::Tensor& wei
         [&] { return reorder_for_onednn(w(), x.sizes(), stride, padding, dilation, groups); });
     if (!prepared.changing) reordered = prepared.tensor;
   }
+  // The ReLU as oneDNN's post-op, where proving it exact (reading the weight, and the input unless
+  // read above) costs less than half the pass over the output that it saves.
+  bool relu_in_conv = false;
+  if (reordered.defined() && !residual.defined()) {
+    const int64_t out_bytes = shape.N * shape.K * shape.OH * shape.OW * input.element_size();
+    const int64_t check_bytes = w_in.nbytes() + (x_in_bound ? 0 : x_in.nbytes());
+    relu_in_conv = check_bytes < out_bytes && relu_post_op_exact(input_bound(), w_in, bias);
+  }
   at::Tensor out = tiny                 ? conv_tiny(x, w(), b, stride, padding, compute_format)
-                   : reordered.defined() ? conv_onednn(x, reordered, b, stride, padding, dilation, groups)
+                   : reordered.defined() ? conv_onednn(x, reordered, b, stride, padding, dilation, groups, relu_in_conv)
                    : at::convolution(x, w(), b, stride, padding, dilation, /*transposed=*/false, {0, 0}, groups);
   out = output_strided_as(out.to(input.scalar_type()), format);
-  add_relu_dense(out, r, out);
+  if (relu_in_conv) {
+    relu_post_op_runs.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    add_relu_dense(out, r, out);
+  }
   if (tiny) tiny_runs.fetch_add(1, std::memory_order_relaxed);
   return out;
 }
@@ -297,6 +369,8 @@ std::tuple<at::Tensor, at::Tensor> tiny_conv_backward(const at::Tensor& grad, co
 
 int64_t tiny_conv_runs() { return tiny_runs.load(std::memory_order_relaxed); }
 
+int64_t relu_post_op_conv_runs() { return relu_post_op_runs.load(std::memory_order_relaxed); }
+
 std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad, const at::Tensor& input,
                                                  const at::Tensor& weight, at::IntArrayRef stride,
                                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -306,7 +380,7 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad, const a
     const bool narrow = stride[1] > 1 &&
                         conv_output_memory_format(input, weight) == at::MemoryFormat::ChannelsLast &&
                         grad.sym_size(3) <= 2;
-    in_fp32 = values_readable ? onednn_bf16_gets_wrong(narrow, {input, grad}) : narrow;
+    in_fp32 = values_readable ? onednn_bf16_gets_wrong(narrow, {magnitude_bound(input), magnitude_bound(grad)}) : narrow;
   }
   const auto fp32 = [&](const at::Tensor& t) { return in_fp32 ? t.to(at::kFloat) : t; };
   auto [grad_input, grad_weight, grad_bias] = at::convolution_backward(

@@ -28,4 +28,8 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad, const a
 // im2col + GEMM kernels (tests check which path ran).
 int64_t tiny_conv_runs();
 
+// How many convs this process has run with oneDNN's ReLU post-op (conv2d_relu.cpp's
+// relu_post_op_exact) instead of the ReLU pass.
+int64_t relu_post_op_conv_runs();
+
 }  // namespace cnnkernels::cpu
