@@ -3,6 +3,10 @@ oneDNN's ReLU turns NaN into 0, where torch.relu keeps it, so the post-op runs o
 can be NaN (finite input, weight and bias, magnitudes whose sums cannot overflow) and where that
 check costs less than the ReLU pass it saves; every other conv keeps the pass. Each test checks the
 values and, through the extension's run counter, which path ran."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -101,3 +105,21 @@ def test_post_op_only_where_the_check_costs_less_than_the_pass(dtype, expect_pos
     x = torch.randn(4, 64, 16, 16).contiguous(memory_format=torch.channels_last).to(dtype)
     weight, bias = (torch.randn(16, 64, 1, 1) / 8).to(dtype), torch.randn(16).to(dtype)
     run(x, weight, bias, expect_post_op, geometry=dict(stride=1, padding=0, dilation=1, groups=1))
+
+
+def test_switched_off_by_environment():
+    """CNNKERNELS_CPU_RELU_POST_OP=0 (read once per process) keeps the ReLU pass, -0.0 included."""
+    code = "\n".join([
+        "import torch, cnnkernels",
+        "from cnnkernels import _extension",
+        "x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)",
+        "with cnnkernels.use_backend('cuda'):",
+        "    cnnkernels.conv2d_relu(x, torch.randn(64, 3, 3, 3), torch.randn(64), padding=1)",
+        "print(_extension.module().cpu_relu_post_op_runs())",
+    ])
+    runs = {}
+    for value in ("0", "1"):
+        env = dict(os.environ, CNNKERNELS_CPU_RELU_POST_OP=value)
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        runs[value] = int(result.stdout.split()[-1])
+    assert runs == {"0": 0, "1": int(onednn_takes(torch.float32))}
