@@ -12,7 +12,7 @@
 // oneDNN's fused ReLU post-op turns NaN into 0 (measured here with torch 2.14.1), where torch.relu
 // keeps NaN: it runs only on the reordered-weight path without a residual, where no output can be
 // NaN (relu_post_op_exact) and checking that costs less than the ReLU pass it saves (convs whose
-// output outweighs their input and weight; 1.06-1.54x there at batch 4 on a Zen 5,
+// output outweighs their input and weight; up to 1.54x there at batch 4 on a Zen 5,
 // benchmarks/results/2026-12-07_CPU-AMD-EPYC-Zen5-2-threads_relu-post-op.txt).
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
