@@ -5,6 +5,8 @@ import fcntl
 import gc
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -111,6 +113,17 @@ def place_values(t, values, first_row=1):
     for i, value in enumerate(values):
         t[i % n, i % c, (first_row + 3 * i) % h, (5 * i) % w] = float(value)
     return t
+
+
+def counts_under_env(code, variable, values):
+    """{value: the last number `code` prints} with environment `variable` set to each value, each
+    in a fresh process (the C++ switches are read once per process)."""
+    counts = {}
+    for value in values:
+        env = dict(os.environ, **{variable: value})
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        counts[value] = int(result.stdout.split()[-1])
+    return counts
 
 
 def assert_matches_reference(out, ref64, torch_same_dtype):

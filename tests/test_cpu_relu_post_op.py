@@ -3,15 +3,11 @@ oneDNN's ReLU turns NaN into 0, where torch.relu keeps it, so the post-op runs o
 can be NaN (finite input, weight and bias, magnitudes whose sums cannot overflow) and where that
 check costs less than the ReLU pass it saves; every other conv keeps the pass. Each test checks the
 values and, through the extension's run counter, which path ran."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from cnnkernels import _extension
-from conftest import place_values
+from conftest import counts_under_env, place_values
 from test_ops import check_conv, seeded
 
 GEOMETRY = dict(stride=1, padding=1, dilation=1, groups=1)
@@ -122,9 +118,5 @@ def test_switched_off_by_environment():
         "    cnnkernels.conv2d_relu(x, torch.randn(64, 3, 3, 3), torch.randn(64), padding=1)",
         "print(_extension.module().cpu_relu_post_op_runs())",
     ])
-    runs = {}
-    for value in ("0", "1"):
-        env = dict(os.environ, CNNKERNELS_CPU_RELU_POST_OP=value)
-        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        runs[value] = int(result.stdout.split()[-1])
-    assert runs == {"0": 0, "1": int(onednn_takes(torch.float32))}
+    expected = {"0": 0, "1": int(onednn_takes(torch.float32))}
+    assert counts_under_env(code, "CNNKERNELS_CPU_RELU_POST_OP", ("0", "1")) == expected

@@ -11,7 +11,7 @@ import torch
 
 import cnnkernels
 from cnnkernels import _extension
-from conftest import assert_matches_reference, poisoned_outputs
+from conftest import assert_matches_reference, counts_under_env, poisoned_outputs
 from test_ops import check_conv, in_layout, reference, seeded
 
 BACKENDS = ["cuda", "auto"]  # the C++ backend on CPU tensors, and what auto picks for fp32
@@ -161,12 +161,7 @@ def test_switched_off_by_environment():
         "    cnnkernels.conv2d_relu(torch.randn(2, 16, 20, 20), torch.randn(16, 16, 3, 3), padding=1)",
         "print(_extension.module().cpu_winograd_runs())",
     ])
-    runs = {}
-    for value in ("0", "1"):
-        env = dict(os.environ, CNNKERNELS_CPU_WINOGRAD=value)
-        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        runs[value] = int(result.stdout.split()[-1])
-    assert runs == {"0": 0, "1": 1}
+    assert counts_under_env(code, "CNNKERNELS_CPU_WINOGRAD", ("0", "1")) == {"0": 0, "1": 1}
 
 
 def test_by_default_winograd_runs_where_it_measured_faster():
