@@ -155,8 +155,8 @@ std::atomic<int64_t> relu_post_op_runs{0};
 // output can be NaN, given magnitude_bound of the input (read by the caller, often already). That
 // holds when input, weight and bias are finite and no sum of the taps' products can overflow:
 // |sum| < taps * 2^(x + w) + 2^b <= 2^127 < FLT_MAX (fp32 accumulation, in bf16 convs too) when
-// x + w + log2(taps) <= 126 and b <= 126. A -0.0 output comes out +0.0, as from torch.compile's
-// oneDNN fusion; torch.relu keeps -0.0.
+// x + w + log2(taps) <= 126 and b <= 126. A -0.0 output comes out +0.0, as from oneDNN's own
+// fused op (mkldnn::_convolution_pointwise with "relu", checked); torch.relu keeps -0.0.
 // CNNKERNELS_CPU_RELU_POST_OP=0 keeps the ReLU pass everywhere (-0.0 too, and for A/B timings).
 bool relu_post_op_exact(int input_bound, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   static const bool enabled = [] {
