@@ -4,14 +4,14 @@ small fp32 cases, with the same settings as `python -m cnnkernels.bench`."""
 import pytest
 import torch
 
-from cnnkernels.bench.cli import set_precision
+from cnnkernels.bench.cli import set_conditions
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 BATCH = 64 if ON_GPU else 2
 
-set_precision(tf32=True)
+set_conditions(DEVICE)
 
 
 def timed(fn, args):

@@ -50,6 +50,39 @@ def test_quick_run_writes_every_output(quick_run):
     assert "On a GPU this command also measures" in stdout
 
 
+def test_cpu_run_records_that_freed_memory_is_kept(quick_run):
+    settings = quick_run[2]["meta"]["settings"]
+    assert settings["cpu_malloc"].startswith("glibc: freed memory kept") or "left as is" in settings["cpu_malloc"]
+    assert "cpu_malloc" in quick_run[3]
+
+
+KEEP_FREED_MEMORY = """
+import resource, sys, torch
+from cnnkernels.bench.timing import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory().startswith("glibc"), "mallopt refused"
+x = torch.randn(2_000_000)
+for _ in range(3):
+    torch.relu(x + x)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    torch.relu(x + x)  # two 8 MB results per call, each freed before the next call
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_ends_page_faults_on_fresh_tensors():
+    def faults(mode):
+        proc = subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY, mode], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return int(proc.stdout.split()[-1])
+    # 10 calls x 2 tensors x 8 MB of 4 KiB pages would fault 39,000 times if every tensor were fresh
+    assert faults("keep") < 500
+    assert faults("default") > 5 * max(faults("keep"), 100)
+
+
 def test_summary_has_exactly_the_issue_keys(quick_run):
     data = quick_run[2]
     assert set(data) >= {"summary", "records"}
@@ -352,6 +385,55 @@ def test_flops_and_bytes():
     assert layer.min_bytes(2, 2) == 2 * (2 * 512 * 49 + 2048 * 512 + 2048 + 2 * 2 * 2048 * 49)
     add = shapes.RESNET50_ADD_RELU[0]
     assert add.min_bytes(1, 4) == 3 * 256 * 56 * 56 * 4
+
+
+def test_cpu_timer_interleaves_contenders_and_keeps_their_failures_apart():
+    calls = []
+
+    def contender(name, fails=False):
+        def fn(i):
+            calls.append((name, i))
+            if fails:
+                raise RuntimeError(f"{name} failed")
+        return fn
+    timer = timing.CpuTimer(target_ms=0.0, min_reps=6, max_reps=6, max_rounds=3)
+    results = timer.time_all({"a": contender("a"), "c": contender("c", fails=True), "b": contender("b")}, n_sets=2)
+    assert isinstance(results["c"], RuntimeError) and "c failed" in str(results["c"])
+    assert [len(results[n].samples_ms) for n in "ab"] == [6, 6]
+    assert all(results[n].first_call_s >= 0 and results[n].sets == 2 for n in "ab")
+    # Each alone: its first call and two warm-up calls (c: one call, failed). Then 3 rounds of 2
+    # calls each, each round starting with another contender, so that a slow spell hits both.
+    alone = ["a"] * 3 + ["c"] + ["b"] * 3
+    rounds = ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
+    assert [name for name, _ in calls] == alone + rounds
+    assert [i for name, i in calls if name == "a"] == [0, 0, 1] + [0, 1, 0, 1, 0, 1]  # the sets in turn
+    (only,) = timer.time_all({"c": contender("c", fails=True)}).values()
+    assert isinstance(only, RuntimeError)
+
+
+class _OneAfterAnother(timing.CpuTimer):
+    """A CPU timer that times contenders one after the other, as the GPU timer does."""
+    interleaves = False
+
+    def time_all(self, fns, n_sets=1, graph=False):
+        return {name: super(_OneAfterAnother, self).time_all({name: fn}, n_sets)[name] for name, fn in fns.items()}
+
+
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "one_after_another"])
+def test_runner_records_every_contender_either_way(interleaved):
+    from cnnkernels.bench.runner import Plan, Runner
+    plan = Plan(device="cpu", dtypes=[torch.float32], layers=[shapes.LENET5[1], shapes.RESNET50_ADD_RELU[-1]],
+                batches=[1], models=[], model_batches=[], contenders=["eager", "onednn", "cuda", "auto"],
+                target_ms=1.0, quick=True)
+    runner = Runner(plan, "test CPU")
+    if not interleaved:
+        runner.timer = _OneAfterAnother(target_ms=1.0)
+    records = runner.run()
+    got = {(r["name"], r["contender"]): r["status"] for r in records}
+    conv, add = (c.label for c in plan.layers)
+    assert got == {(conv, "eager"): "ok", (conv, "onednn"): "ok", (conv, "cuda"): "ok", (conv, "auto"): "ok",
+                   (add, "eager"): "ok", (add, "onednn"): "n/a", (add, "cuda"): "ok", (add, "auto"): "ok"}
+    assert all(r["reps"] >= 5 and r["ms_p50"] > 0 for r in records if r["status"] == "ok")
 
 
 def test_rotating_sets_leave_l2():

@@ -11,6 +11,7 @@ import torch
 from . import plots, report, train
 from .common import CPU_OURS, CPU_PEERS, DTYPES, GPU_OURS, GPU_PEERS, MAX_AUTOTUNE, dtype_name, ours, peers
 from .runner import Plan, Runner
+from .timing import keep_freed_memory
 from .shapes import LAYER_SETS, MODEL_INPUTS, QUICK_LAYERS
 
 ALL_LAYER_SETS = list(LAYER_SETS)
@@ -73,6 +74,9 @@ def parser():
                    help=f"also time {MAX_AUTOTUNE} (torch.compile mode max-autotune-no-cudagraphs; slow to tune)")
     p.add_argument("--tf32", choices=["on", "off"], default="on",
                    help="TF32 for fp32 matmuls and convs, the same for every contender (default on, cuDNN's default)")
+    p.add_argument("--cpu-malloc", choices=["keep", "default"], default="keep",
+                   help="on a CPU: keep freed memory in the process, so that no contender's time includes "
+                        "page faults on fresh pages (keep, the default), or glibc's default")
     p.add_argument("--target-ms", type=float, help="measured time per result (sets the repetitions)")
     p.add_argument("--budget-s", type=float,
                    help="stop starting new measurements after this many seconds; the rest is recorded as skipped")
@@ -161,13 +165,16 @@ def make_train_plan(args, device):
                            target_ms=args.target_ms or preset["target_ms"], budget_s=args.budget_s, seed=args.seed)
 
 
-def set_precision(tf32):
+def set_conditions(device, tf32=True, cpu_malloc="keep"):
     """The same settings for every contender; returned for the record."""
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
-    return {"cudnn.benchmark": True, "cuda.matmul.allow_tf32": tf32, "cudnn.allow_tf32": tf32,
-            "memory_format": "channels_last"}
+    settings = {"cudnn.benchmark": True, "cuda.matmul.allow_tf32": tf32, "cudnn.allow_tf32": tf32,
+                "memory_format": "channels_last"}
+    if device == "cpu":
+        settings["cpu_malloc"] = keep_freed_memory() if cpu_malloc == "keep" else "glibc's default"
+    return settings
 
 
 def _device(args):
@@ -181,7 +188,7 @@ def main_train(args, argv):
     """--train: the training step of whole models (train.py), written to <stem>-train.json/.txt."""
     device = _device(args)
     plan = make_train_plan(args, device)
-    settings = set_precision(args.tf32 == "on")
+    settings = set_conditions(device, args.tf32 == "on", args.cpu_malloc)
     settings.update(optimizer=f"SGD(lr={train.LR}, momentum={train.MOMENTUM})", loss="cross_entropy",
                     ours_backend=train.OURS_BACKEND, timing="back-to-back steps, median; first step and warm-up "
                     "excluded", peak_memory=(f"torch.cuda.max_memory_allocated over {train.PEAK_STEPS} steps after "
@@ -237,7 +244,7 @@ def main(argv=None):
         return main_train(args, argv)
     device = _device(args)
     plan = make_plan(args, device)
-    settings = set_precision(args.tf32 == "on")
+    settings = set_conditions(device, args.tf32 == "on", args.cpu_malloc)
     env = report.environment(device)
     gpu_tests, gpu_tests_note = report.read_gpu_tests(args.gpu_tests_report)
 

@@ -1,6 +1,7 @@
 """Runs a benchmark plan: every (layer or model, batch, dtype) group with each contender, in an
-order that drops the least important work first when a time budget runs out: all non-compile
-contenders first, then torch.compile (slow to compile) for models, then for layers.
+order that drops the least important work first when a time budget runs out: on a GPU all
+non-compile contenders first, then torch.compile (slow to compile) for models, then for layers;
+on a CPU case by case, every contender of a case timed together (CpuTimer.time_all).
 
 Each contender's first output is checked against a float32 reference of the same inputs: a
 result is kept as "ok" only if its error is at most 3x that of PyTorch's eager ops in the same
@@ -48,17 +49,22 @@ class Group:
     contenders: list
 
 
-def _groups(plan):
+def _groups(plan, interleaved):
     """The work, most important first: every non-compile contender, then the compilers for
-    models (largest batch first), then the compilers for layers."""
+    models (largest batch first), then the compilers for layers. Where a group's contenders are
+    timed together (interleaved, on a CPU), the compilers stay in their case's group, last."""
     layers = [(case, b, d) for d in plan.dtypes for b in plan.batches for case in plan.layers]
     models = [(m, b, d) for d in plan.dtypes for b in plan.model_batches for m in plan.models]
     eager = [c for c in plan.contenders if c not in COMPILERS]
     compilers = [c for c in plan.contenders if c in COMPILERS]
     model_eager = [c for c in eager if c not in ("cudnn_fused", "onednn")]  # no model-level form
-    work = [Group("layer", *k, eager) for k in layers] + [Group("model", *k, model_eager) for k in models]
-    work += [Group("model", *k, compilers) for k in sorted(models, key=lambda k: -k[1])]
-    work += [Group("layer", *k, compilers) for k in layers]
+    if interleaved:
+        work = [Group("layer", *k, eager + compilers) for k in layers]
+        work += [Group("model", *k, model_eager + compilers) for k in models]
+    else:
+        work = [Group("layer", *k, eager) for k in layers] + [Group("model", *k, model_eager) for k in models]
+        work += [Group("model", *k, compilers) for k in sorted(models, key=lambda k: -k[1])]
+        work += [Group("layer", *k, compilers) for k in layers]
     return [g for g in work if g.contenders]
 
 
@@ -131,7 +137,7 @@ class Runner:
         peak_dtypes = list(dict.fromkeys(
             ([torch.bfloat16] if self.plan.device == "cuda" else []) + list(self.plan.dtypes)))
         self.peaks = measure_peaks(self.timer, peak_dtypes, quick=self.plan.quick)
-        work = _groups(self.plan)
+        work = _groups(self.plan, self.timer.interleaves)
         progress = _Progress(sum(len(g.contenders) for g in work))
         try:
             for group in work:
@@ -161,13 +167,22 @@ class Runner:
                 progress.step(f"{label} {c}")
             self._free()
             return
+        interleaved = {}  # timed together, where the timer interleaves them (on a CPU)
         for contender in group.contenders:
             progress.step(f"{label} {contender}")
             if self._over_budget():
                 self._add(group, contender, status="skipped",
                           message=f"time budget of {self.plan.budget_s:g} s used up")
                 continue
-            self._measure(group, contender, setup)
+            fn = self._function(group, contender)
+            if fn is None:
+                continue
+            if self.timer.interleaves:
+                interleaved[contender] = fn
+            else:
+                self._measure(group, {contender: fn}, setup)
+        if interleaved:
+            self._measure(group, interleaved, setup)
         del setup
         self._free()
 
@@ -195,51 +210,66 @@ class Runner:
             peer = model_function("eager", group.case, device, dtype)(*sets[0])
         return {"sets": sets, "n_sets": n_sets, "ref": ref, "peer_error": relative_error(peer, ref)}
 
-    def _measure(self, group, contender, setup):
-        device = self.plan.device
+    def _function(self, group, contender):
+        """The contender's function for this group, or None with the reason recorded."""
         if contender in self.unavailable:
             return self._add(group, contender, status="unavailable", message=self.unavailable[contender])
-        sets, first = setup["sets"], {}
         try:
             if group.section == "layer":
-                fn = layer_function(contender, group.case, device)
-            else:
-                fn = model_function(contender, group.case, device, group.dtype)
+                return layer_function(contender, group.case, self.plan.device)
+            return model_function(contender, group.case, self.plan.device, group.dtype)
+        except Exception as error:  # noqa: BLE001 - one failing contender must not stop the run
+            return self._failed(group, contender, error)
 
+    def _measure(self, group, fns, setup):
+        """Times {contender: fn} on the group's input sets, checks each first output against the
+        reference and records the results."""
+        device, sets, firsts = self.plan.device, setup["sets"], {}
+
+        def calling(contender, fn):
             def call(i):
                 out = fn(*sets[i])
-                first.setdefault("out", out)
+                firsts.setdefault(contender, out)
                 return out
+            return call
 
-            graph = device == "cuda" and group.batch == 1
-            timing = self.timer.time(call, setup["n_sets"], graph=graph)
-            memory_mib = forward_memory_mib(call) if device == "cuda" and group.section == "model" else None
-        except Unavailable as error:
+        calls = {c: calling(c, fn) for c, fn in fns.items()}
+        graph = device == "cuda" and group.batch == 1
+        try:
+            timings = self.timer.time_all(calls, setup["n_sets"], graph=graph)
+            memory_mib = {c: forward_memory_mib(calls[c]) if device == "cuda" and group.section == "model" else None
+                          for c, t in timings.items() if not isinstance(t, BaseException)}
+        finally:
+            if any(c in COMPILERS for c in fns):
+                torch._dynamo.reset()
+        for contender, timing in timings.items():
+            if isinstance(timing, BaseException):
+                self._failed(group, contender, timing)
+                continue
+            error = relative_error(firsts[contender], setup["ref"])
+            bound = 3 * setup["peer_error"] + ERROR_FLOOR[group.dtype]
+            ok = math.isfinite(error) and error <= bound
+            self._add(group, contender, timing=timing, rel_error=error, memory_mib=memory_mib[contender],
+                      status="ok" if ok else "wrong",
+                      message="; ".join(timing.notes + ([] if ok else [
+                          f"relative error {error:.3g} against float32 exceeds {bound:.3g} (eager's own: "
+                          f"{setup['peer_error']:.3g})"])))
+
+    def _failed(self, group, contender, error):
+        """Records why a contender did not run here."""
+        if isinstance(error, Unavailable):
             if group.section == "layer" or contender in ("triton", "cuda", "auto"):
                 self.unavailable[contender] = str(error)
             return self._add(group, contender, status="unavailable", message=str(error))
-        except Unsupported as error:
+        if isinstance(error, Unsupported):
             return self._add(group, contender, status="n/a", message=str(error))
-        except NotImplementedError as error:
+        if isinstance(error, NotImplementedError):
             return self._add(group, contender, status="unsupported", message=str(error)[:300])
-        except Exception as error:  # noqa: BLE001 - one failing contender must not stop the run
-            if isinstance(error, torch.OutOfMemoryError):
-                self._free()
-            fused_peer = contender in ("cudnn_fused", "onednn") and isinstance(error, RuntimeError)
-            return self._add(group, contender, status="unsupported" if fused_peer else "error",
-                             message=f"{type(error).__name__}: {error}"[:300])
-        finally:
-            if contender in COMPILERS:
-                torch._dynamo.reset()
-
-        error = relative_error(first["out"], setup["ref"])
-        bound = 3 * setup["peer_error"] + ERROR_FLOOR[group.dtype]
-        ok = math.isfinite(error) and error <= bound
-        self._add(group, contender, timing=timing, rel_error=error, memory_mib=memory_mib,
-                  status="ok" if ok else "wrong",
-                  message="; ".join(timing.notes + ([] if ok else [
-                      f"relative error {error:.3g} against float32 exceeds {bound:.3g} (eager's own: "
-                      f"{setup['peer_error']:.3g})"])))
+        if isinstance(error, torch.OutOfMemoryError):
+            self._free()
+        fused_peer = contender in ("cudnn_fused", "onednn") and isinstance(error, RuntimeError)
+        return self._add(group, contender, status="unsupported" if fused_peer else "error",
+                         message=f"{type(error).__name__}: {error}"[:300])
 
     def _add(self, group, contender, status, message="", timing=None, rel_error=None, memory_mib=None):
         dtype = group.dtype

@@ -7,8 +7,11 @@ cost; at batch 1 every contender runs as a CUDA graph instead. Inputs rotate ove
 when one set would stay in L2.
 With pad=False (the training step) the calls run back to back, unpadded: a step's time is then
 its steady-state throughput, launch overhead included where it exceeds the device time.
-CPU: time.perf_counter around each call.
+CPU: time.perf_counter around each call, with freed memory kept in the process
+(keep_freed_memory), and the contenders of one case timed in interleaved rounds: a shared
+machine's slow spells (2x for seconds on the dev VM) then fall on every contender alike.
 """
+import ctypes
 import math
 import statistics
 import time
@@ -49,33 +52,80 @@ def _reps(per_call_ms, target_ms, min_reps, max_reps):
     return int(min(max_reps, max(min_reps, target_ms / max(per_call_ms, 1e-4))))
 
 
+def keep_freed_memory():
+    """glibc hands freed blocks of a few MB or more back to the OS, so the next tensor of that size
+    lands on fresh pages and pays a page fault per 4 KiB at its first write. Which contender pays
+    them depends on what the process freed before: the same op then runs in one of two modes, up
+    to 7x apart (eager relu(x + y) on 4x256x56x56 fp32: 1.05 ms, or 7.7 ms with 6,240 faults per
+    call). With glibc's trim and mmap thresholds raised to 1 GiB, freed memory is reused, as
+    jemalloc and tcmalloc (which PyTorch's CPU performance guide advises) reuse it, and every
+    contender's time is its compute. Returns the setting, for the record."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return "left as is (no glibc mallopt)"
+    m_trim_threshold, m_mmap_threshold, one_gib = -1, -3, 1 << 30
+    if mallopt(m_trim_threshold, one_gib) and mallopt(m_mmap_threshold, one_gib):
+        return "glibc: freed memory kept (M_TRIM_THRESHOLD and M_MMAP_THRESHOLD 1 GiB)"
+    return "left as is (mallopt refused)"
+
+
 class CpuTimer:
     device = "cpu"
     l2_bytes = 0
+    interleaves = True  # time_all's contenders share rounds
 
-    def __init__(self, target_ms=300.0, min_reps=5, max_reps=100):
-        self.target_ms, self.min_reps, self.max_reps = target_ms, min_reps, max_reps
+    def __init__(self, target_ms=300.0, min_reps=5, max_reps=100, max_rounds=10):
+        self.target_ms, self.min_reps, self.max_reps, self.max_rounds = target_ms, min_reps, max_reps, max_rounds
 
     def time(self, fn, n_sets=1, graph=False, pad=True):
         """Times fn(i) for input set i. `graph` and `pad` have no meaning on a CPU."""
-        start = time.perf_counter()
-        fn(0)
-        first = time.perf_counter() - start
-        warmup = []
-        while len(warmup) < 2 or (len(warmup) < 10 and sum(warmup) < self.target_ms / 4):
-            start = time.perf_counter()
-            fn(len(warmup) % n_sets)
-            warmup.append((time.perf_counter() - start) * 1e3)
-        samples = []
-        for i in range(_reps(min(warmup), self.target_ms, self.min_reps, self.max_reps)):
-            start = time.perf_counter()
-            fn(i % n_sets)
-            samples.append((time.perf_counter() - start) * 1e3)
-        return Timing(samples, first, sets=n_sets)
+        (result,) = self.time_all({"fn": fn}, n_sets).values()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def time_all(self, fns, n_sets=1, graph=False):
+        """{name: Timing} for each fn(i) of {name: fn}: each one's first call and warm-up alone, then
+        every fn in turn, round after round, each round in another order. A name whose fn raised
+        maps to the exception instead."""
+        results, per_call_ms = {}, {}
+        for name, fn in fns.items():
+            try:
+                start = time.perf_counter()
+                fn(0)
+                first = time.perf_counter() - start
+                warmup = []
+                while len(warmup) < 2 or (len(warmup) < 10 and sum(warmup) < self.target_ms / 4):
+                    start = time.perf_counter()
+                    fn(len(warmup) % n_sets)
+                    warmup.append((time.perf_counter() - start) * 1e3)
+            except Exception as error:  # noqa: BLE001 - the caller records it for this contender
+                results[name] = error
+                continue
+            results[name] = Timing([], first, sets=n_sets)
+            per_call_ms[name] = min(warmup)
+        reps = {n: _reps(ms, self.target_ms, self.min_reps, self.max_reps) for n, ms in per_call_ms.items()}
+        rounds = min([self.max_rounds] + list(reps.values())) if reps else 0
+        names = list(reps)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                if isinstance(results[name], BaseException):
+                    continue
+                samples = results[name].samples_ms
+                try:
+                    for _ in range(reps[name] // rounds + (r < reps[name] % rounds)):
+                        start = time.perf_counter()
+                        fns[name](len(samples) % n_sets)
+                        samples.append((time.perf_counter() - start) * 1e3)
+                except Exception as error:  # noqa: BLE001
+                    results[name] = error
+        return results
 
 
 class GpuTimer:
     device = "cuda"
+    interleaves = False  # time_all's contenders are timed one after the other
 
     def __init__(self, target_ms=100.0, min_reps=10, max_reps=200):
         self.target_ms, self.min_reps, self.max_reps = target_ms, min_reps, max_reps
@@ -140,6 +190,17 @@ class GpuTimer:
         torch.cuda.synchronize()
         samples = [s.elapsed_time(e) / calls_per_step for s, e in zip(starts, ends)]
         return Timing(samples, first, graph=graph, sets=n_sets, notes=notes)
+
+    def time_all(self, fns, n_sets=1, graph=False):
+        """{name: Timing, or the exception its fn raised}, one fn after the other: each call's
+        device time is measured apart from the host's, so there is nothing to interleave."""
+        results = {}
+        for name, fn in fns.items():
+            try:
+                results[name] = self.time(fn, n_sets, graph=graph)
+            except Exception as error:  # noqa: BLE001 - the caller records it for this contender
+                results[name] = error
+        return results
 
     @staticmethod
     def _capture(fn, n_sets):
