@@ -679,6 +679,49 @@ def test_cpu_conv_sees_every_weight_write(dtype):
     assert _extension.require().cpu_tiny_conv_runs() == tiny_runs
 
 
+def _one_ulp_up(w):
+    w.view(-1)[5] = torch.nextafter(w.view(-1)[5], torch.tensor(float("inf"), dtype=w.dtype))
+
+
+def _swap_two(w):
+    w.view(-1)[[7, 500]] = w.view(-1)[[500, 7]].clone()
+
+
+def _negate_two(w):
+    w.view(-1)[[3, 700]] *= -1
+
+
+def _copy_one_onto_another(w):
+    w.view(-1)[9] = w.view(-1)[10]
+
+
+def _last_element(w):
+    w.view(-1)[-1] += 1
+
+
+@pytest.mark.parametrize("change", [_one_ulp_up, _swap_two, _negate_two, _copy_one_onto_another, _last_element])
+@pytest.mark.parametrize("layout", ["dense", "view_at_odd_offset"])
+def test_cpu_conv_sees_small_weight_writes_through_data(change, layout):
+    """The cached oneDNN weight is checked by a fingerprint of the weight's bytes: the smallest
+    and most structured writes through .data (no version bump) must still reach the result,
+    bit for bit as a fresh weight tensor with those values gives it. 13x9x3x3 fp32: 4,212 bytes,
+    not a whole number of 8-byte words."""
+    x = torch.randn(8, 9, 16, 16).contiguous(memory_format=torch.channels_last)
+    storage = torch.randn(13 * 9 * 9 + 1)
+    w = (storage[1:] if layout == "view_at_odd_offset" else storage[:-1]).view(13, 9, 3, 3)
+    b = torch.randn(13)
+
+    def conv(weight):
+        return torch.ops.cnnkernels.conv2d_relu(x, weight, b, [1, 1], [1, 1], [1, 1], 1)
+    before = conv(w)
+    assert torch.equal(conv(w), before)  # from the cache
+    change(w.data)
+    fresh = conv(w.clone())  # a new tensor: no cache entry
+    assert not torch.equal(fresh, before)  # the change shows in the output at all
+    assert torch.equal(conv(w), fresh)
+    assert torch.equal(conv(w), fresh)  # the next call, cached again from the changed weight
+
+
 # --- autocast -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
