@@ -11,8 +11,8 @@ import torch
 from . import plots, report, train
 from .common import CPU_OURS, CPU_PEERS, DTYPES, GPU_OURS, GPU_PEERS, MAX_AUTOTUNE, dtype_name, ours, peers
 from .runner import Plan, Runner
-from .timing import keep_freed_memory
 from .shapes import LAYER_SETS, MODEL_INPUTS, QUICK_LAYERS
+from .timing import keep_freed_memory
 
 ALL_LAYER_SETS = list(LAYER_SETS)
 ALL_MODELS = list(MODEL_INPUTS)
