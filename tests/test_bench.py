@@ -56,6 +56,15 @@ def test_cpu_run_records_that_freed_memory_is_kept(quick_run):
     assert "cpu_malloc" in quick_run[3]
 
 
+def test_cpu_run_records_the_vector_isa_and_the_readme_names_it(quick_run):
+    import torch
+
+    isa = quick_run[2]["meta"]["environment"]["cpu_capability"]
+    assert isa == torch.backends.cpu.get_cpu_capability()
+    assert f"** ({isa}) on " in readme.markdown(quick_run[1])
+    assert "cpu_capability" not in quick_run[2]["summary"]  # the summary's keys are a contract
+
+
 KEEP_FREED_MEMORY = """
 import resource, sys, torch
 from cnnkernels.bench.timing import keep_freed_memory
@@ -161,7 +170,7 @@ def test_train_quick_run_writes_json_and_table(train_run):
     assert set(data) == {"train", "records", "meta"}
     meta = data["meta"]
     assert json_path.name == report.file_stem(meta["environment"]) + "-train.json"
-    assert set(meta["environment"]) == {"device", "date", "commit", "torch", "triton", "cudnn"}
+    assert set(meta["environment"]) == {"device", "date", "commit", "torch", "triton", "cudnn", "cpu_capability"}
     assert meta["config"]["cases"] == ["lenet5@8"] and meta["config"]["contenders"] == ["eager", "ours"]
     assert meta["settings"]["optimizer"] == "SGD(lr=0.01, momentum=0.9)"
     by = {r["contender"]: r for r in data["records"]}

@@ -95,7 +95,8 @@ def markdown(path):
     basis = meta.get("summary_basis", {})
     batch = basis.get("batch", report.SUMMARY_BATCH)
     peaks = meta.get("peaks") or {}
-    out = [f"Measured on **{s['device']}** on {s['date']} (torch {s['torch']}, Triton {s['triton']}, "
+    isa = meta.get("environment", {}).get("cpu_capability")
+    out = [f"Measured on **{s['device']}**{f' ({isa})' if isa else ''} on {s['date']} (torch {s['torch']}, Triton {s['triton']}, "
            f"cuDNN {s['cudnn']}, commit `{s['commit']}`): {s['dtype']}, channels_last, layers at batch {batch}. "
            f"Results: [`{path.as_posix()}`]({path.as_posix()}).", ""]
     if peaks:

@@ -140,8 +140,13 @@ def environment(device):
         cudnn = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "n/a"
     else:
         name, cudnn = f"{_cpu_name()} ({torch.get_num_threads()} threads)", "n/a"
-    return {"device": name, "date": datetime.date.today().isoformat(), "commit": git_commit(),
-            "torch": torch.__version__, "triton": triton_version, "cudnn": cudnn}
+    env = {"device": name, "date": datetime.date.today().isoformat(), "commit": git_commit(),
+           "torch": torch.__version__, "triton": triton_version, "cudnn": cudnn}
+    if device != "cuda":
+        # The vector ISA PyTorch's CPU kernels dispatch to (AVX2 or AVX512): oneDNN's speed, and
+        # which of our kernels' clones run, follow it more than the model name does.
+        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    return env
 
 
 def _cpu_name():
