@@ -97,6 +97,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "How many convs this process has run as tiny convs through ATen's im2col + GEMM kernel");
   m.def("cpu_relu_post_op_runs", &cnnkernels::cpu::relu_post_op_conv_runs,
         "How many convs this process has run with oneDNN's ReLU post-op instead of the ReLU pass");
+  m.def(
+      "cpu_conv_runs_in_fp32", [](const at::Tensor& like) { return cnnkernels::cpu::conv_runs_in_fp32(like.scalar_type()); },
+      "Whether the CPU kernels run convs of this tensor's dtype in fp32 on this CPU (16-bit dtypes oneDNN lacks here)");
   m.def("conv2d_relu", &conv2d_relu, "torch.ops.cnnkernels.conv2d_relu, for plain eager calls");
   m.def("conv2d_add_relu", &conv2d_add_relu, "torch.ops.cnnkernels.conv2d_add_relu, for plain eager calls");
   m.def("add_relu", &add_relu, "torch.ops.cnnkernels.add_relu, for plain eager calls");

@@ -19,13 +19,12 @@ def post_op_runs():
 
 def onednn_takes(dtype):
     """Whether the reordered-weight oneDNN path, the only one with the post-op, runs this dtype here:
-    bf16 needs AVX-512 BW/VL/DQ; fp16 takes it in fp32, on CPUs without AVX-512 FP16 (with it, fp16
-    convs are at::convolution's, which keeps the pass)."""
+    fp32 and bf16 always (bf16 natively with AVX-512 BW/VL/DQ, else in fp32); fp16 in fp32, on CPUs
+    without AVX-512 FP16 (with it, fp16 convs are at::convolution's, which keeps the pass)."""
     if not torch.backends.mkldnn.is_available():
         return False
-    if dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return dtype == torch.float32 or not torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    fp32_here = _extension.require().cpu_conv_runs_in_fp32(torch.empty(0, dtype=dtype))
+    return dtype in (torch.float32, torch.bfloat16) or fp32_here
 
 
 def expansion_conv(dtype, w_scale=None):
@@ -97,12 +96,15 @@ def test_residual_keeps_the_pass():
     run(x, weight, bias, expect_post_op=False, op="conv2d_add_relu", residual=residual)
 
 
-@pytest.mark.parametrize("dtype, expect_post_op", [(torch.float32, False), (torch.bfloat16, True)], ids=str)
-def test_post_op_only_where_the_check_costs_less_than_the_pass(dtype, expect_post_op):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_post_op_only_where_the_check_costs_less_than_the_pass(dtype):
     """A conv whose input outweighs its output (64 > 16 channels, 1x1): in fp32 reading the input to
-    check it costs more than the ReLU pass over the output; bf16 inputs are read anyway (for
-    oneDNN's bf16 NaN bug), so only the weight counts there."""
+    check it costs more than the ReLU pass over the output; bf16 inputs that oneDNN takes natively
+    are read anyway (for its bf16 NaN bug), so only the weight counts there. bf16 convs that run in
+    fp32 (CPUs without AVX-512 BW) are not read, as fp32's."""
     seeded()
+    expect_post_op = dtype == torch.bfloat16 and not _extension.require().cpu_conv_runs_in_fp32(
+        torch.empty(0, dtype=dtype))
     x = torch.randn(4, 64, 16, 16).contiguous(memory_format=torch.channels_last).to(dtype)
     weight, bias = (torch.randn(16, 64, 1, 1) / 8).to(dtype), torch.randn(16).to(dtype)
     run(x, weight, bias, expect_post_op, geometry=dict(stride=1, padding=0, dilation=1, groups=1))

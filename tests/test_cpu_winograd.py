@@ -1,5 +1,5 @@
 """The CPU Winograd path of the C++ backend (csrc/cpu/winograd.cpp): fp32 3x3 stride-1 convs
-with at least 16 channels and enough output tiles. Each test checks through the extension's
+with at least 16 channels and enough output tiles (and 16-bit ones where they run in fp32). Each test checks through the extension's
 run counter that the path it means to test ran (or did not)."""
 import json
 import os
@@ -29,6 +29,11 @@ def two_threads():
 
 def winograd_runs():
     return _extension.require().cpu_winograd_runs()
+
+
+def conv_runs_in_fp32(dtype):
+    """Whether the C++ CPU kernels run convs in this 16-bit dtype in fp32 here (oneDNN lacks it)."""
+    return _extension.require().cpu_conv_runs_in_fp32(torch.empty(0, dtype=dtype))
 
 
 def make(n, c, k, h, w, padding, layout="channels_last"):
@@ -135,8 +140,7 @@ def test_a_weight_that_changes_between_calls(size):
 
 
 @pytest.mark.parametrize("case", [
-    dict(stride=2), dict(dilation=2), dict(groups=2), dict(channels=8), dict(dtype=torch.bfloat16),
-    dict(kernel=5), dict(small=True),
+    dict(stride=2), dict(dilation=2), dict(groups=2), dict(channels=8), dict(kernel=5), dict(small=True),
 ])
 def test_other_convs_take_the_direct_path(case):
     seeded()
@@ -144,12 +148,28 @@ def test_other_convs_take_the_direct_path(case):
     c = case.get("channels", 16)
     groups = case.get("groups", 1)
     kernel = case.get("kernel", 3)
-    dtype = case.get("dtype", torch.float32)
-    x = torch.randn(n, c, h, h).to(dtype)
-    weight = (torch.randn(16, c // groups, kernel, kernel) / (c * kernel * kernel) ** 0.5).to(dtype)
+    x = torch.randn(n, c, h, h)
+    weight = torch.randn(16, c // groups, kernel, kernel) / (c * kernel * kernel) ** 0.5
     geometry = dict(stride=case.get("stride", 1), padding=kernel // 2, dilation=case.get("dilation", 1),
                     groups=groups)
-    run("cuda", x, weight, torch.randn(16).to(dtype), geometry, expect_winograd=False)
+    run("cuda", x, weight, torch.randn(16), geometry, expect_winograd=False)
+
+
+SIXTEEN_BIT = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+
+
+@SIXTEEN_BIT
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_16_bit_convs_take_winograd_where_they_run_in_fp32(dtype, layout):
+    """Where this CPU's oneDNN lacks a 16-bit dtype its convs run in fp32 (ATen's 16-bit fallback
+    is 8-40x slower), and Winograd takes them too, rounded once: the result in the input's dtype
+    and memory format, within the tolerance rule. Elsewhere they keep oneDNN's native conv."""
+    seeded()
+    x, weight, bias, geometry = make(2, 17, 24, 21, 19, 1, layout=layout)
+    residual = in_layout(torch.randn(2, 24, 21, 19), layout)
+    out = run("cuda", x.to(dtype), weight.to(dtype), bias.to(dtype), geometry, residual.to(dtype),
+              expect_winograd=conv_runs_in_fp32(dtype))
+    assert out.dtype == dtype
 
 
 def test_switched_off_by_environment():
@@ -239,6 +259,30 @@ def test_input_gradient(shape, layout):
         assert_matches_reference(leaf.grad, e, t)
     assert leaves[0].grad.is_contiguous(memory_format=torch.channels_last if layout == "channels_last"
                                         else torch.contiguous_format)
+
+
+@SIXTEEN_BIT
+def test_16_bit_input_gradient_where_they_run_in_fp32(dtype):
+    """The input gradient of a 16-bit conv that runs in fp32 goes through Winograd as the forward
+    does: every gradient in the dtype and within the tolerance rule of float64 autograd, PyTorch's
+    own error taken from fp32 rounded to the dtype."""
+    seeded()
+    x, weight, bias, geometry = make(*SHAPES["odd_sizes"])
+    out_shape = reference(x, weight, bias, geometry).shape
+    x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    residual, upstream = torch.randn(out_shape).to(dtype), torch.randn(out_shape).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, residual)]
+    before = winograd_runs()
+    with cnnkernels.use_backend("cuda"), poisoned_outputs():
+        out = cnnkernels.conv2d_add_relu(leaves[0], leaves[1], leaves[3], leaves[2], **geometry)
+        out.backward(upstream)
+    assert winograd_runs() - before == 2 * conv_runs_in_fp32(dtype)
+    grad_pre_relu = upstream * (out.detach() > 0)
+    expected = reference_grads(x, weight, geometry, grad_pre_relu, torch.float64)
+    torch_16_bit = [g.to(dtype) for g in reference_grads(x, weight, geometry, grad_pre_relu, torch.float32)]
+    for name, leaf, e, t in zip(("input", "weight", "bias", "residual"), leaves, expected, torch_16_bit):
+        assert leaf.grad.dtype == dtype and leaf.grad.shape == e.shape, name
+        assert_matches_reference(leaf.grad, e, t)
 
 
 def test_double_backward_takes_the_differentiable_path():

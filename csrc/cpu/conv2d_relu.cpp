@@ -1,8 +1,8 @@
 // Conv + bias (+ residual) + ReLU on the CPU. 3x3 stride-1 fp32 convs with enough channels run
 // through Winograd with the epilogue fused (winograd.cpp). Others: the convolution with its
 // bias, then one fused residual+ReLU pass in place, or the ReLU as oneDNN's post-op (below).
-// Tiny fp32 convs (LeNet-5's; see tiny_conv) take ATen's own im2col + GEMM kernel. fp16 convs
-// run in fp32 where PyTorch's oneDNN lacks fp16 (most x86 CPUs; see cpu_runs_onednn_fp16).
+// Tiny fp32 convs (LeNet-5's; see tiny_conv) take ATen's own im2col + GEMM kernel. fp16 and bf16
+// convs run in fp32 where PyTorch's oneDNN lacks that dtype (see cpu_runs_onednn_fp16 and _bf16).
 // For channels_last input the convolution is oneDNN's (mkldnn::_convolution_pointwise, the
 // primitive PyTorch's own CPU fusion uses) with the weight handed over already reordered into
 // oneDNN's blocked layout (cached: weight_cache.h), which saves 1.1-2.3x on layers with large
@@ -61,6 +61,9 @@ at::Tensor reorder_for_onednn(const at::Tensor& w, at::IntArrayRef input_sizes, 
 }
 
 // PyTorch's oneDNN takes bf16 only on CPUs with AVX-512 BW/VL/DQ (mkldnn_bf16_device_check).
+// Elsewhere at::convolution's bf16 conv is ATen's slow fallback, 8x slower than fp32 on a Zen 3
+// (AVX2; VGG-16's 64>64 3x3 at 224x224, batch 4: 828 vs 108 ms): bf16 convs run in fp32 there,
+// rounded to bf16 once, forward and backward, as fp16 convs do below.
 bool cpu_runs_onednn_bf16() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool ok = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
@@ -263,10 +266,9 @@ at::Tensor conv2d_bias_act_direct(const at::Tensor& input, const at::Tensor& wei
   std::optional<int> x_in_bound;  // x_in's magnitude_bound, read at most once
   const auto input_bound = [&] { return x_in_bound ? *x_in_bound : *(x_in_bound = magnitude_bound(x_in)); };
   const bool in_fp32 =
-      input.scalar_type() == at::kHalf
-          ? !cpu_runs_onednn_fp16()
-          : input.scalar_type() == at::kBFloat16 &&
-                onednn_bf16_gets_wrong(compute_format == CL && shape.OW == 1 && stride[1] > 1, {input_bound()});
+      conv_runs_in_fp32(input.scalar_type()) ||
+      (input.scalar_type() == at::kBFloat16 &&
+       onednn_bf16_gets_wrong(compute_format == CL && shape.OW == 1 && stride[1] > 1, {input_bound()}));
   const at::Tensor x = in_fp32 ? x_in.to(at::kFloat) : x_in;
   // at::convolution computes in channels_last when the weight is so: NCHW needs both NCHW.
   const at::Tensor w_in = compute_format == format ? weight : weight.contiguous();
@@ -279,9 +281,9 @@ at::Tensor conv2d_bias_act_direct(const at::Tensor& input, const at::Tensor& wei
   const bool tiny = tiny_conv(x, w_in, stride, padding, dilation, groups);  // w's sizes, x's dtype
   // The reordered weight makes oneDNN compute in channels_last: only for channels_last input. A
   // weight that changes between calls (training) is not reordered: at::convolution takes it. The
-  // cache keeps one dtype per weight: a bf16 weight's is bf16, so its calls in fp32 skip it; an
-  // fp16 weight's is fp32 (w()), which all its calls use.
-  const bool cached_dtype_fits = !(in_fp32 && input.scalar_type() == at::kBFloat16);
+  // cache keeps one dtype per weight: a bf16 weight's is bf16 where oneDNN takes bf16, so its calls
+  // in fp32 skip it; other 16-bit weights' is fp32 (w()), which all their calls use.
+  const bool cached_dtype_fits = !(in_fp32 && input.scalar_type() == at::kBFloat16 && cpu_runs_onednn_bf16());
   at::Tensor reordered;
   if (!tiny && cached_dtype_fits && compute_format == CL && reordered_onednn_takes(x, w_in, groups)) {
     const PreparedWeight prepared = prepared_weight(
@@ -369,14 +371,18 @@ std::tuple<at::Tensor, at::Tensor> tiny_conv_backward(const at::Tensor& grad, co
 
 int64_t tiny_conv_runs() { return tiny_runs.load(std::memory_order_relaxed); }
 
+bool conv_runs_in_fp32(at::ScalarType dtype) {
+  return (dtype == at::kHalf && !cpu_runs_onednn_fp16()) || (dtype == at::kBFloat16 && !cpu_runs_onednn_bf16());
+}
+
 int64_t relu_post_op_conv_runs() { return relu_post_op_runs.load(std::memory_order_relaxed); }
 
 std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad, const at::Tensor& input,
                                                  const at::Tensor& weight, at::IntArrayRef stride,
                                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                                  bool input_grad, bool weight_grad, bool values_readable) {
-  bool in_fp32 = input.scalar_type() == at::kHalf && !cpu_runs_onednn_fp16();
-  if (input.scalar_type() == at::kBFloat16) {  // only then the sizes: torch.compile may trace them symbolic
+  bool in_fp32 = conv_runs_in_fp32(input.scalar_type());
+  if (!in_fp32 && input.scalar_type() == at::kBFloat16) {  // only then the sizes: torch.compile may trace them symbolic
     const bool narrow = stride[1] > 1 &&
                         conv_output_memory_format(input, weight) == at::MemoryFormat::ChannelsLast &&
                         grad.sym_size(3) <= 2;

@@ -24,6 +24,10 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad, const a
                                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                                  bool input_grad, bool weight_grad, bool values_readable);
 
+// Whether this CPU runs convs in `dtype` (fp16 or bf16) in fp32, rounded once: where PyTorch's
+// oneDNN lacks the dtype, at::convolution's is ATen's slow fallback (conv2d_relu.cpp).
+bool conv_runs_in_fp32(at::ScalarType dtype);
+
 // How many tiny-conv passes (forward, or backward) this process has run through ATen's
 // im2col + GEMM kernels (tests check which path ran).
 int64_t tiny_conv_runs();

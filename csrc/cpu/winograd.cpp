@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "../conv_args.h"
+#include "conv2d_relu.h"
 #include "elementwise.h"
 #include "weight_cache.h"
 
@@ -329,7 +330,7 @@ at::Tensor measured_faster(std::vector<int64_t> key, const std::function<at::Ten
 // Whether a conv from C to K channels with this geometry, producing N x OH x OW, suits Winograd.
 bool suits(const at::Tensor& w, int64_t N, int64_t C, int64_t K, int64_t OH, int64_t OW, at::IntArrayRef stride,
            at::IntArrayRef dilation, int64_t groups) {
-  return enabled() && w.scalar_type() == at::kFloat && groups == 1 && w.size(2) == 3 && w.size(3) == 3 &&
+  return enabled() && groups == 1 && w.size(2) == 3 && w.size(3) == 3 &&
          stride[0] == 1 && stride[1] == 1 && dilation[0] == 1 && dilation[1] == 1 &&
          C >= kMinChannels && K >= kMinChannels && enough_tiles(N, OH, OW);
 }
@@ -362,6 +363,20 @@ at::Tensor weight_for(WeightForm form, const at::Tensor& weight, int64_t pixels,
   const PreparedWeight prepared = prepared_weight(form, weight, {}, {}, {}, {}, 1, transform);
   if (!prepared.changing) return prepared.tensor;
   return pixels >= kMinPixelsForChangingWeight ? transform() : at::Tensor();
+}
+
+// Whether Winograd takes convs in `dtype`: fp32, and the 16-bit dtypes whose convs run in fp32 on
+// this CPU anyway (conv2d_relu.h), computed in fp32 and rounded once.
+bool computes_in_fp32(at::ScalarType dtype) { return dtype == at::kFloat || conv_runs_in_fp32(dtype); }
+
+// Winograd runs in fp32 channels_last: other inputs and outputs are converted (a copy each way).
+// Tensor::to alone may return a strided view as it is, when its strides suggest the format.
+at::Tensor as_dtype_in(const at::Tensor& t, at::ScalarType dtype, at::MemoryFormat format) {
+  return t.to(t.options().dtype(dtype), /*non_blocking=*/false, /*copy=*/false, format).contiguous(format);
+}
+
+at::Tensor fp32_channels_last(const at::Tensor& t) {
+  return as_dtype_in(t, at::kFloat, at::MemoryFormat::ChannelsLast);
 }
 
 // conv3x3(x, w) + bias (+ residual), then ReLU if `relu`, in channels_last, for x dense
@@ -441,7 +456,7 @@ at::Tensor winograd_conv2d_bias_relu(const at::Tensor& input, const at::Tensor& 
                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                      int64_t groups, const std::function<at::Tensor()>& direct) {
   const int64_t OH = input.size(2) + 2 * padding[0] - 2, OW = input.size(3) + 2 * padding[1] - 2;
-  if (input.scalar_type() != at::kFloat || input.numel() == 0 ||
+  if (!computes_in_fp32(input.scalar_type()) || input.numel() == 0 ||
       !suits(weight, input.size(0), input.size(1), weight.size(0), OH, OW, stride, dilation, groups)) {
     return {};
   }
@@ -449,18 +464,20 @@ at::Tensor winograd_conv2d_bias_relu(const at::Tensor& input, const at::Tensor& 
   const auto output_format = conv_output_memory_format(input, weight);
   const auto winograd = [&]() -> at::Tensor {
     const at::Tensor u = weight_for(WeightForm::kWinograd, weight, input.size(0) * OH * OW,
-                                    [&] { return transformed_weight(weight); });
+                                    [&] { return transformed_weight(weight.to(at::kFloat)); });
     if (!u.defined()) return {};
-    // Winograd runs in channels_last: NCHW input and output are converted (two copies).
-    const at::Tensor out = run(input.contiguous(cl), u, bias,
-                               residual.defined() ? residual.contiguous(cl) : residual, padding[0], padding[1],
+    const c10::optional<at::Tensor> b =
+        bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : bias;
+    const at::Tensor out = run(fp32_channels_last(input), u, b,
+                               residual.defined() ? fp32_channels_last(residual) : residual, padding[0], padding[1],
                                /*relu=*/true);
-    return out.defined() ? out.contiguous(output_format) : out;
+    return out.defined() ? as_dtype_in(out, input.scalar_type(), output_format) : out;
   };
-  // The layouts are part of the problem: they decide the conversions on both paths.
+  // The layouts and the dtype are part of the problem: they decide the conversions on both paths.
   const bool cl_input = input.is_contiguous(cl), cl_output = output_format == cl;
   return measured_faster({0, input.size(0), input.size(1), weight.size(0), input.size(2), input.size(3), padding[0],
-                          padding[1], residual.defined(), cl_input, cl_output},
+                          padding[1], residual.defined(), cl_input, cl_output,
+                          static_cast<int64_t>(input.scalar_type())},
                          winograd, direct);
 }
 
@@ -469,7 +486,7 @@ at::Tensor winograd_conv2d_input_grad(const at::Tensor& grad, const at::Tensor& 
                                       int64_t groups, const std::function<at::Tensor()>& direct) {
   // The input gradient of a 3x3 stride-1 conv is a 3x3 stride-1 conv of the output gradient with
   // the weight flipped in space and its channels swapped, padded by 2 - padding.
-  if (grad.scalar_type() != at::kFloat || grad.numel() == 0 || padding[0] > 2 || padding[1] > 2 ||
+  if (!computes_in_fp32(grad.scalar_type()) || grad.numel() == 0 || padding[0] > 2 || padding[1] > 2 ||
       !suits(weight, grad.size(0), weight.size(0), weight.size(1), input.size(2), input.size(3), stride,
              dilation, groups)) {
     return {};
@@ -479,15 +496,15 @@ at::Tensor winograd_conv2d_input_grad(const at::Tensor& grad, const at::Tensor& 
   const auto winograd = [&]() -> at::Tensor {
     const at::Tensor u =
         weight_for(WeightForm::kWinogradInputGrad, weight, input.size(0) * input.size(2) * input.size(3),
-                   [&] { return transformed_weight(weight.flip({2, 3}).transpose(0, 1)); });
+                   [&] { return transformed_weight(weight.to(at::kFloat).flip({2, 3}).transpose(0, 1)); });
     if (!u.defined()) return {};
-    const at::Tensor out = run(grad.contiguous(cl), u, c10::nullopt, at::Tensor(), 2 - padding[0], 2 - padding[1],
-                               /*relu=*/false);
-    return out.defined() ? out.contiguous(input_grad_format) : out;
+    const at::Tensor out = run(fp32_channels_last(grad), u, c10::nullopt, at::Tensor(), 2 - padding[0],
+                               2 - padding[1], /*relu=*/false);
+    return out.defined() ? as_dtype_in(out, grad.scalar_type(), input_grad_format) : out;
   };
   const bool cl_grad = grad.is_contiguous(cl), cl_input_grad = input_grad_format == cl;
   return measured_faster({1, grad.size(0), weight.size(0), weight.size(1), input.size(2), input.size(3), padding[0],
-                          padding[1], cl_grad, cl_input_grad},
+                          padding[1], cl_grad, cl_input_grad, static_cast<int64_t>(grad.scalar_type())},
                          winograd, direct);
 }
 
