@@ -98,6 +98,14 @@ def _fresh_call_plans():
     _call_plans.clear()
 
 
+def cpu_conv_runs_in_fp32(dtype):
+    """Whether the C++ CPU kernels run convs in this 16-bit dtype in fp32 on this CPU, where
+    PyTorch's oneDNN lacks the dtype (AVX-512 BW for bf16, AVX-512 FP16 for fp16)."""
+    from cnnkernels import _extension
+
+    return _extension.require().cpu_conv_runs_in_fp32(torch.empty(0, dtype=dtype))
+
+
 def relative_error(out, ref):
     """Normwise, over the elements where the reference is finite (assert_matches_reference
     checks the others exactly)."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cnnkernels import _extension
-from conftest import counts_under_env, place_values
+from conftest import counts_under_env, cpu_conv_runs_in_fp32, place_values
 from test_ops import check_conv, seeded
 
 GEOMETRY = dict(stride=1, padding=1, dilation=1, groups=1)
@@ -23,8 +23,7 @@ def onednn_takes(dtype):
     without AVX-512 FP16 (with it, fp16 convs are at::convolution's, which keeps the pass)."""
     if not torch.backends.mkldnn.is_available():
         return False
-    fp32_here = _extension.require().cpu_conv_runs_in_fp32(torch.empty(0, dtype=dtype))
-    return dtype in (torch.float32, torch.bfloat16) or fp32_here
+    return dtype in (torch.float32, torch.bfloat16) or cpu_conv_runs_in_fp32(dtype)
 
 
 def expansion_conv(dtype, w_scale=None):
@@ -103,8 +102,7 @@ def test_post_op_only_where_the_check_costs_less_than_the_pass(dtype):
     are read anyway (for its bf16 NaN bug), so only the weight counts there. bf16 convs that run in
     fp32 (CPUs without AVX-512 BW) are not read, as fp32's."""
     seeded()
-    expect_post_op = dtype == torch.bfloat16 and not _extension.require().cpu_conv_runs_in_fp32(
-        torch.empty(0, dtype=dtype))
+    expect_post_op = dtype == torch.bfloat16 and not cpu_conv_runs_in_fp32(dtype)
     x = torch.randn(4, 64, 16, 16).contiguous(memory_format=torch.channels_last).to(dtype)
     weight, bias = (torch.randn(16, 64, 1, 1) / 8).to(dtype), torch.randn(16).to(dtype)
     run(x, weight, bias, expect_post_op, geometry=dict(stride=1, padding=0, dilation=1, groups=1))

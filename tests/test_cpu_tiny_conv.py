@@ -7,6 +7,7 @@ import torch
 
 import cnnkernels
 from cnnkernels import _extension
+from conftest import cpu_conv_runs_in_fp32
 from test_ops import check_conv, in_layout, seeded
 
 BACKENDS = ["cuda", "auto"]  # the C++ backend on CPU tensors, and what auto picks for fp32
@@ -80,7 +81,7 @@ def test_fp32_convs_above_the_threshold_do_not(case, layout):
 
 
 @pytest.mark.parametrize("case", [
-    dict(dilation=2), dict(groups=2), dict(dtype=torch.bfloat16), dict(over_1e6=True),
+    dict(dilation=2), dict(groups=2), dict(over_1e6=True),
 ])
 def test_other_convs_do_not(case):
     if case.get("over_1e6"):  # one more row of output pixels than exactly_1e6_multiply_adds
@@ -89,6 +90,13 @@ def test_other_convs_do_not(case):
     geometry = {key: case[key] for key in ("dilation", "groups") if key in case}
     run("cuda", 2, 4, 6, 12, 12, (3, 3), geometry | dict(padding=1), dtype=case.get("dtype", torch.float32),
         expect_tiny=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit_convs_only_where_they_run_in_fp32(dtype):
+    """16-bit convs that run in fp32 on this CPU (oneDNN lacks the dtype) take the tiny path as fp32
+    ones do, rounded once; those oneDNN takes natively do not."""
+    run("cuda", 2, 4, 6, 12, 12, (3, 3), dict(padding=1), dtype=dtype, expect_tiny=cpu_conv_runs_in_fp32(dtype))
 
 
 def test_nan_propagates_through_the_tiny_path():

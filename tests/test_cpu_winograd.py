@@ -11,7 +11,7 @@ import torch
 
 import cnnkernels
 from cnnkernels import _extension
-from conftest import assert_matches_reference, counts_under_env, poisoned_outputs
+from conftest import assert_matches_reference, counts_under_env, cpu_conv_runs_in_fp32, poisoned_outputs
 from test_ops import check_conv, in_layout, reference, seeded
 
 BACKENDS = ["cuda", "auto"]  # the C++ backend on CPU tensors, and what auto picks for fp32
@@ -29,11 +29,6 @@ def two_threads():
 
 def winograd_runs():
     return _extension.require().cpu_winograd_runs()
-
-
-def conv_runs_in_fp32(dtype):
-    """Whether the C++ CPU kernels run convs in this 16-bit dtype in fp32 here (oneDNN lacks it)."""
-    return _extension.require().cpu_conv_runs_in_fp32(torch.empty(0, dtype=dtype))
 
 
 def make(n, c, k, h, w, padding, layout="channels_last"):
@@ -168,7 +163,7 @@ def test_16_bit_convs_take_winograd_where_they_run_in_fp32(dtype, layout):
     x, weight, bias, geometry = make(2, 17, 24, 21, 19, 1, layout=layout)
     residual = in_layout(torch.randn(2, 24, 21, 19), layout)
     out = run("cuda", x.to(dtype), weight.to(dtype), bias.to(dtype), geometry, residual.to(dtype),
-              expect_winograd=conv_runs_in_fp32(dtype))
+              expect_winograd=cpu_conv_runs_in_fp32(dtype))
     assert out.dtype == dtype
 
 
@@ -276,7 +271,7 @@ def test_16_bit_input_gradient_where_they_run_in_fp32(dtype):
     with cnnkernels.use_backend("cuda"), poisoned_outputs():
         out = cnnkernels.conv2d_add_relu(leaves[0], leaves[1], leaves[3], leaves[2], **geometry)
         out.backward(upstream)
-    assert winograd_runs() - before == 2 * conv_runs_in_fp32(dtype)
+    assert winograd_runs() - before == 2 * cpu_conv_runs_in_fp32(dtype)
     grad_pre_relu = upstream * (out.detach() > 0)
     expected = reference_grads(x, weight, geometry, grad_pre_relu, torch.float64)
     torch_16_bit = [g.to(dtype) for g in reference_grads(x, weight, geometry, grad_pre_relu, torch.float32)]
