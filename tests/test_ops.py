@@ -286,6 +286,22 @@ def test_cpu_16_bit_loops_equal_torch(dtype):
     assert_matches_reference(out, reference(x, weight, bias, geometry), reference(x, weight, bias, geometry, dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_16_bit_add_relu_bitwise_over_every_value(dtype):
+    """Every one of the 65536 values of a 16-bit dtype (with 0, with random values, with the values
+    reversed) through the C++ CPU add_relu: the same bits as torch.relu(x + y) wherever torch gives
+    no NaN (its rounding, signed zeros, infinities, subnormals), and NaN exactly where it gives NaN."""
+    seeded()
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    for other in (torch.zeros_like(every), torch.randn(every.shape).to(dtype), every.flip(0)):
+        with cnnkernels.use_backend("cuda"), poisoned_outputs():
+            out = cnnkernels.add_relu(every, other)
+        expected = torch.relu(every + other)
+        nan = expected.isnan()
+        assert torch.equal(out.isnan(), nan)
+        assert torch.equal(out.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
+
+
 def permuted(shape, order, device):
     """A dense random tensor of `shape` whose dimensions lie in memory in `order`, outermost first."""
     t = torch.randn([shape[d] for d in order], device=device)
