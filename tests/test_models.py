@@ -374,3 +374,22 @@ def test_bf16_cuda_eval_and_train_match_torchvision(name, shape, kwargs):
         torch.manual_seed(0)
         ref64 = ref64(x.double())
     assert_matches_reference(out.detach(), ref64, ref.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_plain_16_bit_cpu_convs_run_as_the_fused_ops_do(dtype):
+    """A unit without ReLU (ResNet's downsample conv) is F.conv2d, not one of our ops: in a 16-bit
+    dtype that the C++ ops compute in fp32 on this CPU (F.conv2d's fallback there is 8-40x slower)
+    it is computed in fp32 and rounded once too, else F.conv2d as it is; in the input's layout."""
+    from cnnkernels.models._layers import conv_unit
+    from conftest import cpu_conv_runs_in_fp32
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 1, stride=2).to(dtype)
+    x = torch.randn(2, 8, 10, 10).to(dtype).contiguous(memory_format=torch.channels_last)
+    out = conv_unit(x, conv)
+    fp32 = F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), stride=2)
+    expected = fp32.to(dtype) if cpu_conv_runs_in_fp32(dtype) else F.conv2d(x, conv.weight, conv.bias, stride=2)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, expected)
+    assert (out.float() - fp32).abs().max() <= fp32.abs().max() * 2**-7  # within one 16-bit rounding

@@ -18,10 +18,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cnnkernels
-from .. import batch_norm
+from .. import _extension, batch_norm
 from ..fuse import fold_conv_bn
 
 _REFERENCE = contextvars.ContextVar("cnnkernels_models_reference", default=False)
+
+# The 16-bit dtypes whose CPU convs the C++ ops compute in fp32 on this CPU: PyTorch's oneDNN
+# lacks them here, and F.conv2d's fallback for them (ATen's own kernel) runs 8-40x slower than
+# fp32 (bf16 on AVX2-only CPUs, fp16 on most). A constant, so torch.compile traces no call.
+_CPU_CONVS_IN_FP32 = frozenset(
+    dtype for dtype in (torch.bfloat16, torch.float16)
+    if _extension.module() is not None and _extension.module().cpu_conv_runs_in_fp32(torch.empty(0, dtype=dtype)))
+
+
+def _plain_conv(x, weight, bias, *args):
+    """F.conv2d, computed in fp32 and rounded once where the C++ ops would do so (above)."""
+    if x.device.type == "cpu" and x.dtype in _CPU_CONVS_IN_FP32:
+        bias = None if bias is None else bias.float()
+        return F.conv2d(x.float(), weight.float(), bias, *args).to(x.dtype)
+    return F.conv2d(x, weight, bias, *args)
 
 
 @contextlib.contextmanager
@@ -116,7 +131,7 @@ def conv_unit(x, conv, bn=None, relu=None, residual=None):
     weight, bias = folded_conv_bn(conv, bn) if bn is not None else (conv.weight, conv.bias)
     args = (conv.stride, conv.padding, conv.dilation, conv.groups)
     if relu is None:
-        y = F.conv2d(x, weight, bias, *args)
+        y = _plain_conv(x, weight, bias, *args)
         return y if residual is None else y + residual
     if residual is None:
         return cnnkernels.conv2d_relu(x, weight, bias, *args)
