@@ -23,12 +23,18 @@ from ..fuse import fold_conv_bn
 
 _REFERENCE = contextvars.ContextVar("cnnkernels_models_reference", default=False)
 
-# The 16-bit dtypes whose CPU convs the C++ ops compute in fp32 on this CPU: PyTorch's oneDNN
-# lacks them here, and F.conv2d's fallback for them (ATen's own kernel) runs 8-40x slower than
-# fp32 (bf16 on AVX2-only CPUs, fp16 on most). A constant, so torch.compile traces no call.
-_CPU_CONVS_IN_FP32 = frozenset(
-    dtype for dtype in (torch.bfloat16, torch.float16)
-    if _extension.module() is not None and _extension.module().cpu_conv_runs_in_fp32(torch.empty(0, dtype=dtype)))
+
+def _cpu_convs_in_fp32():
+    """The 16-bit dtypes whose CPU convs the C++ ops compute in fp32 on this CPU: PyTorch's oneDNN
+    lacks them here, and F.conv2d's fallback for them (ATen's own kernel) runs 8-40x slower than
+    fp32 (bf16 on AVX2-only CPUs, fp16 on most). None without a (current) extension."""
+    runs_in_fp32 = getattr(_extension.module(), "cpu_conv_runs_in_fp32", None)
+    if runs_in_fp32 is None:
+        return frozenset()
+    return frozenset(dtype for dtype in (torch.bfloat16, torch.float16) if runs_in_fp32(torch.empty(0, dtype=dtype)))
+
+
+_CPU_CONVS_IN_FP32 = _cpu_convs_in_fp32()  # a constant, so torch.compile traces no call
 
 
 def _plain_conv(x, weight, bias, *args):
