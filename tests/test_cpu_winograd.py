@@ -1,6 +1,6 @@
 """The CPU Winograd path of the C++ backend (csrc/cpu/winograd.cpp): fp32 3x3 stride-1 convs
-with at least 16 channels and enough output tiles (and 16-bit ones where they run in fp32). Each test checks through the extension's
-run counter that the path it means to test ran (or did not)."""
+with at least 16 channels and enough output tiles, and 16-bit ones where they run in fp32. Each
+test checks through the extension's run counter that the path it means to test ran (or did not)."""
 import json
 import os
 import subprocess

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import cnnkernels
 import cnnkernels.models as M
-from conftest import assert_matches_reference, cuda_or_skip
+from cnnkernels.models._layers import conv_unit
+from conftest import assert_matches_reference, cpu_conv_runs_in_fp32, cuda_or_skip
 
 tvm = pytest.importorskip("torchvision.models")
 
@@ -381,9 +382,6 @@ def test_plain_16_bit_cpu_convs_run_as_the_fused_ops_do(dtype):
     """A unit without ReLU (ResNet's downsample conv) is F.conv2d, not one of our ops: in a 16-bit
     dtype that the C++ ops compute in fp32 on this CPU (F.conv2d's fallback there is 8-40x slower)
     it is computed in fp32 and rounded once too, else F.conv2d as it is; in the input's layout."""
-    from cnnkernels.models._layers import conv_unit
-    from conftest import cpu_conv_runs_in_fp32
-
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, 1, stride=2).to(dtype)
     x = torch.randn(2, 8, 10, 10).to(dtype).contiguous(memory_format=torch.channels_last)
