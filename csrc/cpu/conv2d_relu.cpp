@@ -281,9 +281,9 @@ at::Tensor conv2d_bias_act_direct(const at::Tensor& input, const at::Tensor& wei
   const bool tiny = tiny_conv(x, w_in, stride, padding, dilation, groups);  // w's sizes, x's dtype
   // The reordered weight makes oneDNN compute in channels_last: only for channels_last input. A
   // weight that changes between calls (training) is not reordered: at::convolution takes it. The
-  // cache keeps one dtype per weight: a bf16 weight's is bf16 where oneDNN takes bf16, so its calls
-  // in fp32 skip it; other 16-bit weights' is fp32 (w()), which all their calls use.
-  const bool cached_dtype_fits = !(in_fp32 && input.scalar_type() == at::kBFloat16 && cpu_runs_onednn_bf16());
+  // cache keeps one dtype per weight, the one its calls run in on this CPU (fp32 for 16-bit dtypes
+  // that conv_runs_in_fp32): the bf16 calls that run in fp32 only for oneDNN's bugs skip it.
+  const bool cached_dtype_fits = in_fp32 == conv_runs_in_fp32(input.scalar_type());
   at::Tensor reordered;
   if (!tiny && cached_dtype_fits && compute_format == CL && reordered_onednn_takes(x, w_in, groups)) {
     const PreparedWeight prepared = prepared_weight(
