@@ -45,7 +45,9 @@ def _autocast_dtype(input):
 
 
 def _cast(dtype, *tensors):
-    return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
+    """Autocast's cast for a convolution: float64 operands are left as they are, as autocast leaves them."""
+    return [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in tensors]
 
 
 def conv2d_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -70,11 +72,11 @@ def conv2d_add_relu(input, weight, residual, bias=None, stride=1, padding=0, dil
     dtype = _autocast_dtype(input)
     if dtype is not None:
         input, weight, bias = _cast(dtype, input, weight, bias)
-        if isinstance(residual, torch.Tensor) and residual.is_floating_point() and residual.dtype != dtype:
+        if isinstance(residual, torch.Tensor) and residual.is_floating_point() and residual.dtype != input.dtype:
             # Eager autocast adds such a residual after the conv, in the promoted dtype: the
             # reference path computes exactly that (the checks see the residual cast).
             call = conv_call("conv2d_add_relu", input, weight, bias, stride, padding, dilation, groups,
-                             residual=residual.to(dtype), needs_residual=True)
+                             residual=residual.to(input.dtype), needs_residual=True)
             call.residual = residual.unsqueeze(0) if call.unbatched else residual
             out = backends.BACKENDS["torch"].conv(call)
             return out.squeeze(0) if call.unbatched else out

@@ -742,3 +742,19 @@ def test_autocast_runs_the_conv_in_autocast_dtype_like_f_conv2d(backend, device)
             assert torch.allclose(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
         with pytest.raises(RuntimeError, match="expected residual of size"):
             cnnkernels.conv2d_add_relu(x, w, torch.randn(2, 6, 8, 7, device=device), b, padding=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["cuda", "torch", "auto"])
+def test_autocast_leaves_float64_operands_as_f_conv2d_does(backend, device):
+    """Autocast casts only fp32 (and 16-bit) operands: a float64 conv runs in float64 under it."""
+    x, w, b = (t.to(device, torch.float64) for t in _conv_inputs())
+    residual = torch.randn(2, 6, 8, 8, device=device, dtype=torch.float64)
+    with torch.autocast(device, dtype=torch.bfloat16), cnnkernels.use_backend(backend):
+        expected = F.conv2d(x, w, b, padding=1)
+        assert expected.dtype == torch.float64
+        out = cnnkernels.conv2d_relu(x, w, b, padding=1)
+        out_res = cnnkernels.conv2d_add_relu(x, w, residual, b, padding=1)
+    assert out.dtype == out_res.dtype == torch.float64
+    assert torch.allclose(out, torch.relu(expected), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(out_res, torch.relu(expected + residual), rtol=1e-12, atol=1e-12)
