@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cnnkernels
 import cnnkernels.models as M
@@ -391,3 +392,67 @@ def test_plain_16_bit_cpu_convs_run_as_the_fused_ops_do(dtype):
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, expected)
     assert (out.float() - fp32).abs().max() <= fp32.abs().max() * 2**-7  # within one 16-bit rounding
+
+
+class _ConvDtypes(TorchDispatchMode):
+    """Records the input dtype of each aten.convolution that runs under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.seen.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def _fp32_route_or_f_conv2d(x, weight, bias, dtype, **args):
+    """What a plain 16-bit unit conv must compute: in fp32, rounded once, where the C++ ops do so."""
+    if cpu_conv_runs_in_fp32(dtype):
+        return F.conv2d(x.float(), weight.float(), bias.float(), **args).to(dtype)
+    return F.conv2d(x, weight, bias, **args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_plain_16_bit_cpu_convs_under_autocast_run_as_the_fused_ops_do(dtype):
+    """Under autocast the downsample conv rounds fp32 operands to autocast's dtype as F.conv2d does
+    there, then takes the same route as above (autocast must not send the fp32 conv back to 16 bits);
+    gradients reach the fp32 parameters in fp32."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 1, stride=2)
+    x = torch.randn(2, 8, 10, 10).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=dtype):
+        with _ConvDtypes() as conv_dtypes:
+            out = conv_unit(x, conv)
+        theirs = conv(x)
+    # The outputs alone cannot tell: ATen's 16-bit fallback also sums in fp32 and rounds once.
+    assert conv_dtypes.seen == [torch.float32 if cpu_conv_runs_in_fp32(dtype) else dtype]
+    rounded = [t.detach().to(dtype) for t in (x, conv.weight, conv.bias)]
+    assert out.dtype == theirs.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, _fp32_route_or_f_conv2d(*rounded, dtype, stride=2))
+    assert (out.float() - theirs.float()).abs().max() <= theirs.float().abs().max() * 2**-6
+    out.float().sum().backward()
+    assert conv.weight.grad.dtype == torch.float32 and conv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_train_mode_16_bit_cpu_convs_before_batch_norm_run_as_the_fused_ops_do(dtype):
+    """In train mode the conv before BatchNorm is a plain conv too: the same route, forward and
+    backward, so its gradients match the fp32 computation rounded to the dtype."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(8, 16, 3, padding=1).to(dtype), nn.BatchNorm2d(16).to(dtype).train()
+    x = torch.randn(2, 8, 10, 10).to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(2, 16, 10, 10).to(dtype)
+    out = conv_unit(x, conv, bn)
+    out.backward(grad)
+
+    x_ref, w_ref, b_ref = (t.detach().clone().requires_grad_() for t in (x, conv.weight, conv.bias))
+    bn_ref = nn.BatchNorm2d(16).to(dtype).train()
+    y_ref = _fp32_route_or_f_conv2d(x_ref, w_ref, b_ref, dtype, padding=1)
+    out_ref = bn_ref(y_ref)
+    out_ref.backward(grad)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, out_ref)
+    for ours, ref in ((x.grad, x_ref.grad), (conv.weight.grad, w_ref.grad), (conv.bias.grad, b_ref.grad)):
+        assert ours.dtype == dtype and torch.equal(ours, ref)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import cnnkernels
 from .. import _extension, batch_norm
+from ..functional import _autocast_dtype, _cast
 from ..fuse import fold_conv_bn
 
 _REFERENCE = contextvars.ContextVar("cnnkernels_models_reference", default=False)
@@ -38,10 +39,19 @@ _CPU_CONVS_IN_FP32 = _cpu_convs_in_fp32()  # a constant, so torch.compile traces
 
 
 def _plain_conv(x, weight, bias, *args):
-    """F.conv2d, computed in fp32 and rounded once where the C++ ops would do so (above)."""
-    if x.device.type == "cpu" and x.dtype in _CPU_CONVS_IN_FP32:
-        bias = None if bias is None else bias.float()
-        return F.conv2d(x.float(), weight.float(), bias, *args).to(x.dtype)
+    """F.conv2d, computed in fp32 and rounded once where the C++ ops would do so (above).
+
+    Under autocast the operands are first rounded to autocast's dtype, as F.conv2d's are there,
+    and the fp32 conv runs with autocast off (which would otherwise send it back to that dtype).
+    """
+    if _CPU_CONVS_IN_FP32 and x.device.type == "cpu":
+        dtype = _autocast_dtype(x)
+        if dtype is not None:
+            x, weight, bias = _cast(dtype, x, weight, bias)
+        if x.dtype in _CPU_CONVS_IN_FP32 and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
+            with torch.autocast("cpu", enabled=False):
+                bias = None if bias is None else bias.float()
+                return F.conv2d(x.float(), weight.float(), bias, *args).to(x.dtype)
     return F.conv2d(x, weight, bias, *args)
 
 
@@ -126,7 +136,8 @@ def conv_unit(x, conv, bn=None, relu=None, residual=None):
         return relu(y) if relu is not None else y
 
     if bn is not None and not _bn_uses_running_stats(bn):
-        y = conv(x)
+        y = conv(x) if conv.padding_mode != "zeros" else _plain_conv(
+            x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         if relu is not None and batch_norm.runs_fused(y, bn, residual):
             return batch_norm.batch_norm_relu_train(y, bn, residual)
         y = bn(y)
