@@ -228,6 +228,45 @@ def test_train_ours_cuda_runs_the_zoo_model_on_the_extension(monkeypatch):
     assert seen and set(seen) == {"cuda"}
 
 
+def test_train_steps_interleaved_on_a_cpu_draw_the_dropout_masks_they_draw_alone():
+    """Interleaved steps keep their own stream of the CPU generator: each contender's losses are
+    those of its steps run alone, where two steps sharing the generator would draw other masks."""
+    from cnnkernels.bench import train
+    base = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Dropout(0.5),
+                               torch.nn.Linear(4 * 6 * 6, 10))
+    x = torch.randn(4, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (4,))
+
+    def losses_of(*own_cpu_rng):
+        torch.manual_seed(1)
+        steps = [train.TrainStep("eager", base, "cpu", torch.float32, x, y, own_cpu_rng=own) for own in own_cpu_rng]
+        for _ in range(4):
+            for step in steps:
+                step()
+        return [torch.stack(step.losses) for step in steps]
+
+    (alone,) = losses_of(False)
+    first, second = losses_of(True, True)
+    assert torch.equal(first, alone) and torch.equal(second, alone)
+    shared_first, shared_second = losses_of(False, False)
+    assert torch.equal(shared_first[:1], alone[:1]) and not torch.equal(shared_second, alone)
+
+
+def test_train_runner_on_a_cpu_times_a_case_s_contenders_in_shared_rounds(monkeypatch):
+    from cnnkernels.bench import train
+    from cnnkernels.bench.timing import CpuTimer
+    rounds = []
+    real_time_all = CpuTimer.time_all
+    monkeypatch.setattr(CpuTimer, "time_all", lambda self, fns, *a, **k: rounds.append(sorted(fns)) or
+                        real_time_all(self, fns, *a, **k))
+    plan = train.TrainPlan(device="cpu", dtypes=[torch.float32], cases=[("lenet5", 2)],
+                           contenders=["eager", "ours"], target_ms=5.0)
+    records = train.TrainRunner(plan, "cpu").run()
+    assert rounds == [["eager", "ours"]]
+    assert [(r["contender"], r["status"]) for r in records] == [("eager", "ok"), ("ours", "ok")]
+    assert all(r["first_timed_step"] >= train.CHECK_STEP and r["reps"] >= 5 for r in records)
+
+
 def test_train_summary_speedup_memory_and_loss_flags():
     from cnnkernels.bench import train
     records = [_train_record("resnet50", "eager", 100.0, 5000.0), _train_record("resnet50", "ours", 90.0, 4900.0),

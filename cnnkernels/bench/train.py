@@ -15,10 +15,13 @@ in the run's dtype and channels_last. Contenders, all starting from the same wei
   compile  torch.compile of the eager model (the optimizer step stays eager); only with
            --train-compile or --full, as compiling a ResNet-50 training step takes minutes
 
-Each contender's model is built on the device right before it is timed and freed after, so its
-peak memory is its own. Timing reuses timing.py's timers: the first step (compilation, cuDNN's
-algorithm search, autotuning) and the warm-up steps are never in the samples; on a GPU the steps
-run back to back (no spin-kernel padding), so a step's time is its steady-state throughput.
+On a GPU each contender's model is built right before it is timed and freed after, so its peak
+memory is its own. On a CPU the contenders of a case are built together and timed in shared,
+interleaved rounds (CpuTimer.time_all), so that a machine whose speed drifts slows each alike;
+each keeps its own stream of the CPU generator, so its dropout masks are the ones it would draw
+alone. Timing reuses timing.py's timers: the first step (compilation, cuDNN's algorithm search,
+autotuning) and the warm-up steps are never in the samples; on a GPU the steps run back to back
+(no spin-kernel padding), so a step's time is its steady-state throughput.
 Peak memory (CUDA only) is torch.cuda.max_memory_allocated over PEAK_STEPS further steps after
 the timed ones, the statistics reset before them; on a CPU it is null.
 
@@ -132,7 +135,7 @@ def make_batch(name, batch, n_classes, dtype, device, seed):
 class TrainStep:
     """One contender's model, optimizer and step function; the losses of every step, unsynced."""
 
-    def __init__(self, contender, base, device, dtype, x, y):
+    def __init__(self, contender, base, device, dtype, x, y, own_cpu_rng=False):
         self.model = copy.deepcopy(base).to(device=device, dtype=dtype, memory_format=torch.channels_last)
         self.model.train()
         self.forward = compiled(self.model, "compile") if contender == "compile" else self.model
@@ -142,8 +145,13 @@ class TrainStep:
             import cnnkernels
             self.context = lambda: cnnkernels.use_backend(backend_of(contender))
         self.x, self.y, self.losses = x, y, []
+        # Steps interleaved with other contenders' keep their own stream of the CPU generator, so
+        # that their dropout masks are the ones they would draw alone.
+        self.cpu_rng = torch.get_rng_state() if own_cpu_rng else None
 
     def __call__(self, i=0):
+        if self.cpu_rng is not None:
+            torch.set_rng_state(self.cpu_rng)
         self.optimizer.zero_grad(set_to_none=True)
         with self.context():
             out = self.forward(self.x)
@@ -151,6 +159,8 @@ class TrainStep:
         loss.backward()
         self.optimizer.step()
         self.losses.append(loss.detach())
+        if self.cpu_rng is not None:
+            self.cpu_rng = torch.get_rng_state()
 
 
 def rel_diff(value, reference):
@@ -203,14 +213,16 @@ class TrainRunner:
         runs = {c: f"cnnkernels.models.{name}, use_backend({backend_of(c)!r})" for c in CONTENDERS
                 if c.startswith("ours")}
         runs.update(eager=eager_runs, compile=f"torch.compile({eager_runs})")
-        for contender in self.plan.contenders:
+        bases = {c: ours if c.startswith("ours") else eager for c in self.plan.contenders}
+        groups = [self.plan.contenders] if self.timer.interleaves else [[c] for c in self.plan.contenders]
+        for group in groups:
             if self._over_budget():
-                self._add(name, batch, dtype, contender, status="skipped", message=skip)
+                for contender in group:
+                    self._add(name, batch, dtype, contender, status="skipped", message=skip)
                 continue
-            print(f"[train] {label} {contender}", file=sys.stderr, flush=True)
-            self._measure(name, batch, dtype, contender, ours if contender.startswith("ours") else eager, runs[contender],
-                          x, y)
-        del eager, ours, x, y
+            print(f"[train] {label} {', '.join(group)}", file=sys.stderr, flush=True)
+            self._measure(name, batch, dtype, group, bases, runs, x, y)
+        del eager, ours, bases, x, y
         self._free()
 
     def _free(self):
@@ -218,39 +230,74 @@ class TrainRunner:
         if self.plan.device == "cuda":
             torch.cuda.empty_cache()
 
-    def _measure(self, name, batch, dtype, contender, base, runs, x, y):
-        cuda = self.plan.device == "cuda"
-        step = None
+    def _measure(self, name, batch, dtype, group, bases, runs, x, y):
+        """Times the group's contenders (interleaved, where there are several) and records each."""
+        outcomes, steps = {}, {}  # outcomes: contender -> (timing, peak, losses), or what it raised
         try:
-            if cuda:
-                self._free()
-                torch.cuda.synchronize()
-            torch.manual_seed(self.plan.seed + 1)  # the same dropout masks for every contender
-            step = TrainStep(contender, base, self.plan.device, dtype, x, y)
-            timing = self.timer.time(step, graph=False, pad=False)
-            first_timed = len(step.losses) - len(timing.samples_ms)
-            peak = None
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                for i in range(PEAK_STEPS):
-                    step(i)
-                torch.cuda.synchronize()
-                peak = torch.cuda.max_memory_allocated()
-            losses = {"loss_first_step": step.losses[0].float().item(),
-                      "loss_after_warmup": step.losses[CHECK_STEP].float().item(),
-                      "loss_first_timed": step.losses[first_timed].float().item(), "first_timed_step": first_timed}
-        except Exception as error:  # noqa: BLE001 - one failing contender must not stop the run
-            status = "unavailable" if isinstance(error, Unavailable) else "error"
-            return self._add(name, batch, dtype, contender, status=status, runs=runs,
-                             message=f"{type(error).__name__}: {error}"[:300])
+            for contender in group:
+                try:
+                    if self.plan.device == "cuda":
+                        self._free()
+                        torch.cuda.synchronize()
+                    torch.manual_seed(self.plan.seed + 1)  # the same dropout masks for every contender
+                    steps[contender] = TrainStep(contender, bases[contender], self.plan.device, dtype, x, y,
+                                                 own_cpu_rng=len(group) > 1)
+                except Exception as error:  # noqa: BLE001 - one failing contender must not stop the run
+                    outcomes[contender] = error
+            for contender, timing in self._time(steps).items():
+                if isinstance(timing, BaseException):
+                    outcomes[contender] = timing
+                    continue
+                try:
+                    losses = self._losses(steps[contender], timing)  # before the peak-memory steps
+                    outcomes[contender] = (timing, self._peak_memory(steps[contender]), losses)
+                except Exception as error:  # noqa: BLE001
+                    outcomes[contender] = error
         finally:
-            if contender == "compile":
+            if "compile" in group:
                 torch._dynamo.reset()
-            del step
+            del steps
             self._free()
-        self._add(name, batch, dtype, contender, status="ok", runs=runs, message="; ".join(timing.notes),
-                  timing=timing, peak=peak, losses=losses)
+        for contender in group:
+            outcome = outcomes[contender]
+            if isinstance(outcome, BaseException):
+                status = "unavailable" if isinstance(outcome, Unavailable) else "error"
+                self._add(name, batch, dtype, contender, status=status, runs=runs[contender],
+                          message=f"{type(outcome).__name__}: {outcome}"[:300])
+            else:
+                timing, peak, losses = outcome
+                self._add(name, batch, dtype, contender, status="ok", runs=runs[contender],
+                          message="; ".join(timing.notes), timing=timing, peak=peak, losses=losses)
+
+    def _time(self, steps):
+        """{contender: Timing, or the exception its step raised}."""
+        if self.timer.interleaves:
+            return self.timer.time_all(steps)
+        timings = {}
+        for contender, step in steps.items():
+            try:
+                timings[contender] = self.timer.time(step, graph=False, pad=False)
+            except Exception as error:  # noqa: BLE001
+                timings[contender] = error
+        return timings
+
+    def _peak_memory(self, step):
+        """Peak CUDA memory over PEAK_STEPS more steps, the statistics reset before them; None on a CPU."""
+        if self.plan.device != "cuda":
+            return None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for i in range(PEAK_STEPS):
+            step(i)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    @staticmethod
+    def _losses(step, timing):
+        first_timed = len(step.losses) - len(timing.samples_ms)
+        return {"loss_first_step": step.losses[0].float().item(),
+                "loss_after_warmup": step.losses[CHECK_STEP].float().item(),
+                "loss_first_timed": step.losses[first_timed].float().item(), "first_timed_step": first_timed}
 
     def _add(self, name, batch, dtype, contender, status, message="", runs=None, timing=None, peak=None,
              losses=None):
