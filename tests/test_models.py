@@ -456,3 +456,24 @@ def test_train_mode_16_bit_cpu_convs_before_batch_norm_run_as_the_fused_ops_do(d
     assert torch.equal(out, out_ref)
     for ours, ref in ((x.grad, x_ref.grad), (conv.weight.grad, w_ref.grad), (conv.bias.grad, b_ref.grad)):
         assert ours.dtype == dtype and torch.equal(ours, ref)
+
+
+def test_plain_cpu_convs_under_autocast_trace_with_fullgraph():
+    """The autocast check and the autocast-off region of the plain conv trace without graph breaks
+    (train mode: conv, then BatchNorm); loss and gradient as in eager."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16).train()
+    x = torch.randn(2, 8, 10, 10).contiguous(memory_format=torch.channels_last)
+
+    def loss(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return conv_unit(x, conv, bn).float().square().sum()
+
+    results = []
+    for fn in (loss, torch.compile(loss, fullgraph=True, backend="aot_eager")):
+        out = fn(x)
+        out.backward()  # before the next forward: train-mode BN updates its running statistics in place
+        results.append((out.detach(), conv.weight.grad))
+        conv.weight.grad = None
+    (eager, eager_grad), (traced, traced_grad) = results
+    assert torch.equal(traced, eager) and torch.equal(traced_grad, eager_grad)
