@@ -1,5 +1,6 @@
 """cnnkernels.models against torchvision: state_dict keys, parameter counts, MACs, and outputs with
 the same weights in eval mode (BN folded, fused ops) and train mode (a few SGD steps)."""
+import copy
 import math
 
 import pytest
@@ -456,6 +457,26 @@ def test_train_mode_16_bit_cpu_convs_before_batch_norm_run_as_the_fused_ops_do(d
     assert torch.equal(out, out_ref)
     for ours, ref in ((x.grad, x_ref.grad), (conv.weight.grad, w_ref.grad), (conv.bias.grad, b_ref.grad)):
         assert ours.dtype == dtype and torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("block", ["BasicBlock", "Bottleneck"])
+def test_zoo_resnets_trace_with_fullgraph(block, mode):
+    """A zoo ResNet (one block per stage) compiles without graph breaks, eval (folded BN, fused ops)
+    and train (BN, add_relu): output and every gradient as in eager."""
+    from cnnkernels.models import resnet
+    torch.manual_seed(0)
+    model = resnet.ResNet(getattr(resnet, block), [1, 1, 1, 1], num_classes=10).to(memory_format=torch.channels_last)
+    getattr(model, mode)()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    out = torch.compile(twin, fullgraph=True, backend="aot_eager")(x)
+    out.square().sum().backward()
+    expected = model(x)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    for traced, eager in zip(twin.parameters(), model.parameters()):
+        torch.testing.assert_close(traced.grad, eager.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_plain_cpu_convs_under_autocast_trace_with_fullgraph():

@@ -60,13 +60,20 @@ def reference_mode():
     """Run cnnkernels.models module by module with unfused PyTorch ops, exactly as torchvision does.
 
     Inside it every Conv2d, BatchNorm2d and ReLU module is called, so forward hooks on them fire and
-    torch.fx can trace the models. Outside it the models call the fused ops and skip those modules.
+    torch.fx can trace the models. Outside it, and inside torch.compile, the models call the fused
+    ops and skip those modules.
     """
     token = _REFERENCE.set(True)
     try:
         yield
     finally:
         _REFERENCE.reset(token)
+
+
+def _in_reference_mode():
+    """Whether reference_mode() is on; never inside torch.compile, whose graphs take the fused ops
+    (torch 2.11's Dynamo cannot trace ContextVar.get: a graph break at every unit)."""
+    return not torch.compiler.is_compiling() and _REFERENCE.get()
 
 
 # conv module -> (key, (weight, bias)): folded parameters, reused while the key still matches.
@@ -127,7 +134,7 @@ def conv_unit(x, conv, bn=None, relu=None, residual=None):
 
     Exactly torchvision's arithmetic in every mode; only the rounding differs where BN is folded.
     """
-    if _REFERENCE.get():
+    if _in_reference_mode():
         y = conv(x)
         if bn is not None:
             y = bn(y)
@@ -162,7 +169,7 @@ class ConvSequential(DropsFoldsOnModeSwitch, nn.Sequential):
     """
 
     def forward(self, x):
-        if _REFERENCE.get():
+        if _in_reference_mode():
             return super().forward(x)
         layers = list(self._modules.values())
         i = 0
