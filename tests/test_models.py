@@ -379,6 +379,13 @@ def test_bf16_cuda_eval_and_train_match_torchvision(name, shape, kwargs):
     assert_matches_reference(out.detach(), ref64, ref.detach())
 
 
+def _fp32_route_or_f_conv2d(x, weight, bias, dtype, **args):
+    """What a plain 16-bit unit conv must compute: in fp32, rounded once, where the C++ ops do so."""
+    if cpu_conv_runs_in_fp32(dtype):
+        return F.conv2d(x.float(), weight.float(), bias.float(), **args).to(dtype)
+    return F.conv2d(x, weight, bias, **args)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_plain_16_bit_cpu_convs_run_as_the_fused_ops_do(dtype):
     """A unit without ReLU (ResNet's downsample conv) is F.conv2d, not one of our ops: in a 16-bit
@@ -389,7 +396,7 @@ def test_plain_16_bit_cpu_convs_run_as_the_fused_ops_do(dtype):
     x = torch.randn(2, 8, 10, 10).to(dtype).contiguous(memory_format=torch.channels_last)
     out = conv_unit(x, conv)
     fp32 = F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), stride=2)
-    expected = fp32.to(dtype) if cpu_conv_runs_in_fp32(dtype) else F.conv2d(x, conv.weight, conv.bias, stride=2)
+    expected = _fp32_route_or_f_conv2d(x, conv.weight, conv.bias, dtype, stride=2)
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, expected)
     assert (out.float() - fp32).abs().max() <= fp32.abs().max() * 2**-7  # within one 16-bit rounding
@@ -406,13 +413,6 @@ class _ConvDtypes(TorchDispatchMode):
         if func is torch.ops.aten.convolution.default:
             self.seen.append(args[0].dtype)
         return func(*args, **(kwargs or {}))
-
-
-def _fp32_route_or_f_conv2d(x, weight, bias, dtype, **args):
-    """What a plain 16-bit unit conv must compute: in fp32, rounded once, where the C++ ops do so."""
-    if cpu_conv_runs_in_fp32(dtype):
-        return F.conv2d(x.float(), weight.float(), bias.float(), **args).to(dtype)
-    return F.conv2d(x, weight, bias, **args)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
