@@ -133,6 +133,9 @@ def conv_call(op, input, weight, bias, stride, padding, dilation, groups, residu
         raise RuntimeError(f"{op}: given groups={groups}, weight of size {list(weight.shape)}, expected "
                            f"input{list(input.shape)} to have {c_per_group * groups} channels, but got {c} "
                            "channels instead")
+    if n != 0 and c != 0 and (h == 0 or w == 0):
+        raise RuntimeError(f"{op}: only zero batch or zero channel inputs are supported, but got input shape: "
+                           f"{list(input.shape)}")
     if bias is not None:
         _check_same_kind(op, "bias", bias, input)
         if bias.dim() != 1 or bias.shape[0] != k:

@@ -17,7 +17,10 @@ def conv2d_bias_act(input, weight, bias, residual, stride, padding, dilation, gr
     (F.conv2d's own output may differ on CUDA: NCHW for float64, and for its non-cuDNN kernels)."""
     memory_format = conv_output_memory_format(input, weight)
     if onednn_may_crash_in_channels_last(input, stride, dilation):  # computed in NCHW instead
-        input, weight = input.contiguous(), weight.contiguous()
+        # With NCHW's own strides: through size-1 dimensions an NCHW-contiguous tensor may carry
+        # channels_last ones, which oneDNN follows.
+        input = _with_canonical_strides(input, torch.contiguous_format)
+        weight = _with_canonical_strides(weight, torch.contiguous_format)
     out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     if residual is not None:
         out = out + residual

@@ -69,6 +69,11 @@ ConvGrads conv_grads(AutogradContext* ctx, const at::Tensor& grad, size_t bias_i
   }
   const bool input_grad = ctx->needs_input_grad(0), weight_grad = ctx->needs_input_grad(1);
   if (!input_grad && !weight_grad) return grads;
+  if (input.sym_numel() == 0) {  // an empty batch: ATen's CPU conv backward refuses an empty image even then
+    if (input_grad) grads.input = at::zeros_like(input);
+    if (weight_grad) grads.weight = at::zeros_like(weight);
+    return grads;
+  }
   const auto stride = ctx->saved_data["stride"].toIntVector();
   const auto padding = ctx->saved_data["padding"].toIntVector();
   const auto dilation = ctx->saved_data["dilation"].toIntVector();

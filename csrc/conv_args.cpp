@@ -53,6 +53,8 @@ ConvShape check_conv2d_args(const char* op, const at::Tensor& input, const at::T
   TORCH_CHECK(s.C == weight.size(1) * groups, op, ": given groups=", groups, ", weight of size ",
               weight.sizes(), ", expected input", input.sizes(), " to have ", weight.size(1) * groups,
               " channels, but got ", s.C, " channels instead");
+  TORCH_CHECK(s.N == 0 || s.C == 0 || (s.H > 0 && s.W > 0), op,
+              ": only zero batch or zero channel inputs are supported, but got input shape: ", input.sizes());
   if (bias.has_value() && bias->defined()) {
     check_same_kind(op, "bias", *bias, input);
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.K, op, ": given weight of size ", weight.sizes(),

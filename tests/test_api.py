@@ -57,6 +57,8 @@ BAD_CONV_CALLS = {  # name: (kwargs edits, exception type, message fragment)
     "empty kernel": (dict(weight=torch.randn(6, 4, 0, 3)), RuntimeError, "kernel size should be greater than zero"),
     "no input channels": (dict(input=torch.randn(2, 0, 8, 8), weight=torch.randn(6, 0, 3, 3)), RuntimeError,
                           "expected weight to be at least 1 at dimension 1"),
+    "empty image": (dict(input=torch.randn(2, 4, 0, 8)), RuntimeError,
+                    "only zero batch or zero channel inputs are supported, but got input shape: .2, 4, 0, 8."),
     "input ndim": (dict(input=torch.randn(4, 8, 8, 1, 1)), RuntimeError, "expected 3D (unbatched) or 4D"),
     "weight ndim": (dict(weight=torch.randn(6, 4, 3)), RuntimeError, "expected 4D weight"),
     "dtype mismatch": (dict(weight=torch.randn(6, 4, 3, 3, dtype=torch.float64)), RuntimeError,
@@ -90,6 +92,23 @@ def test_bad_conv_input_raises_clearly(case, backend):
         cnnkernels.conv2d_relu(**valid)  # leaves a plan for the valid call: the bad one must not use it
     with cnnkernels.use_backend(backend), pytest.raises(error, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         cnnkernels.conv2d_relu(**args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("input_shape", [(0, 4, 8, 8), (0, 4, 0, 8)], ids=["empty-batch", "empty-batch-and-image"])
+def test_an_empty_batch_gives_what_f_conv2d_gives(backend, input_shape):
+    """F.conv2d takes an empty batch, even of empty images (it refuses those only in a nonempty
+    batch): the output, its gradients (zeros for the weight and bias) and the forward's shape
+    match. ATen's own CPU conv kernels, which the C++ op called, refused the empty images."""
+    x = torch.randn(input_shape, requires_grad=True)
+    w, b = torch.randn(6, 4, 1, 3, requires_grad=True), torch.randn(6, requires_grad=True)
+    expected = F.conv2d(x, w, b, padding=1)
+    with cnnkernels.use_backend(backend):
+        out = cnnkernels.conv2d_add_relu(x, w, torch.randn(expected.shape), b, padding=1)
+    assert out.shape == expected.shape
+    grads = torch.autograd.grad(out.sum(), [x, w, b])
+    assert [g.shape for g in grads] == [x.shape, w.shape, b.shape]
+    assert not grads[1].any() and not grads[2].any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

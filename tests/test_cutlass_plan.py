@@ -140,3 +140,11 @@ def test_what_cutlass_cannot_take_is_named(input_shape, weight_shape, stride, gr
     padding = (weight_shape[2] // 2, weight_shape[3] // 2)
     got = plan(input_shape, weight_shape, stride, padding, groups=groups, dtype=dtype)
     assert message in got["unsupported"]
+
+
+@pytest.mark.parametrize("stride", [(2**32, 1), (1, 2**31)])
+def test_a_stride_past_32_bits_is_refused(stride):
+    """The CUDA kernels and CUTLASS's problem shape index with 32-bit ints: a stride of 2^32
+    became 0 there, and CUTLASS's host checks divided by it (SIGFPE, found by review)."""
+    with pytest.raises(RuntimeError, match=r"stride, padding and dilation of 2\^31 or more are not supported"):
+        plan((1, 16, 8, 8), (16, 16, 3, 3), stride, (0, 0))

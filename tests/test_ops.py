@@ -374,8 +374,11 @@ def test_residual_and_other_may_alias_the_input(backend, device):
 # Convs that crashed F.conv2d (oneDNN, torch 2.14.1 on the CPU) with a segfault, found by random
 # searches; each crashed every time it ran alone. First, dilation along a kernel dimension of size
 # 1, on channels_last tensors 1-2 wide; then channels_last inputs 1-2 columns wide with column
-# stride and dilation above 1 (fp32 with a bias, bf16 with or without). (dtype, N, C, K, groups,
-# (H, W), (R, S), stride, padding, dilation, channels_last input, channels_last weight)
+# stride and dilation above 1 (fp32 with a bias, bf16 with or without); the last, such a conv in
+# NCHW whose input, contiguous in both formats through its size-1 dimensions, has channels_last
+# strides, which oneDNN follows (a random search of the public functions found it: the C++ op and
+# the torch backend crashed). (dtype, N, C, K, groups, (H, W), (R, S), stride, padding, dilation,
+# channels_last input (or "channels_last strides"), channels_last weight)
 ONEDNN_CRASHES = [
     ("float32", 2, 24, 6, 3, (8, 1), (3, 1), (3, 3), (0, 2), (3, 3), True, False),
     ("float32", 1, 24, 9, 3, (2, 1), (3, 1), (4, 3), (3, 2), (2, 2), True, False),
@@ -385,6 +388,7 @@ ONEDNN_CRASHES = [
     ("float32", 3, 8, 20, 1, (7, 1), (4, 2), (1, 2), (2, 3), (1, 2), True, False),
     ("bfloat16", 3, 9, 7, 1, (9, 2), (1, 2), (3, 3), (1, 4), (3, 3), True, False),
     ("float32", 3, 5, 26, 1, (7, 2), (4, 2), (1, 4), (0, 5), (2, 3), True, True),
+    ("float32", 3, 1, 8, 1, (5, 1), (3, 2), (1, 2), (0, 3), (1, 2), "channels_last strides", False),
 ]
 
 
@@ -399,13 +403,16 @@ for dtype, n, c, k, groups, (h, w), (r, s), stride, padding, dilation, x_cl, w_c
     x = torch.randn(n, c, h, w).to(dtype)
     weight = torch.randn(k, c // groups, r, s).to(dtype)
     bias = torch.randn(k).to(dtype)
-    if x_cl: x = x.contiguous(memory_format=torch.channels_last)
+    if x_cl == "channels_last strides":
+        x = x.as_strided(x.shape, torch._prims_common.make_channels_last_strides_for(x.shape))
+        assert x.is_contiguous() and x.stride() != torch.empty(x.shape).stride()
+    elif x_cl: x = x.contiguous(memory_format=torch.channels_last)
     if w_cl: weight = weight.contiguous(memory_format=torch.channels_last)
     geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     ref = torch.relu(F.conv2d(x.double(), weight.double(), bias.double(), **geometry))
     # F.conv2d in the input's dtype stands in for PyTorch's own error: the same conv in NCHW and
     # without the dilation along size-1 kernel dimensions, which changes nothing here.
-    same = torch.relu(F.conv2d(x.contiguous(), weight.contiguous(), bias, stride, padding,
+    same = torch.relu(F.conv2d(x.clone(memory_format=torch.contiguous_format), weight.contiguous(), bias, stride, padding,
                                [1 if r == 1 else dilation[0], 1 if s == 1 else dilation[1]], groups))
     outs = {{}}
     for backend in cnnkernels.available_backends("cpu"):

@@ -212,6 +212,31 @@ def test_conv_output_boxes_match_float64(monkeypatch, descriptor_spy, xs, ws, pa
         assert descriptor_spy == [(True, True, with_residual, True)]
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="test_gpu_tma_configs runs the TMA configs on the GPU")
+@pytest.mark.parametrize("boxes", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tma_configs_read_width_slices_of_one_row_images(monkeypatch, descriptor_spy, boxes, dtype):
+    """(N, C, 1, W) input and residual sliced along W from wider images: the row dimension's
+    stride (size 1) says nothing, and one image's pixels are not W * C apart. Found by review: the
+    1x1 TMA configs took them for (N*W, C) matrices and read every image after the first at the
+    wrong address. They take pointers; the fresh output and the weight still go by TMA."""
+    monkeypatch.setattr(conv, "_INTERPRETER", conv._INTERPRETER._replace(tma=True, boxes=boxes, persistent=boxes))
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+
+    def width_slice(c):
+        wide = torch.randn(3, c, 1, 40, dtype=dtype, device=DEVICE, generator=g)
+        return wide.contiguous(memory_format=torch.channels_last)[..., :32]
+
+    x, residual = width_slice(16), width_slice(24)
+    w = torch.randn(24, 16, 1, 1, dtype=dtype, device=DEVICE, generator=g)
+    b = torch.randn(24, dtype=dtype, device=DEVICE, generator=g)
+    args = ([1, 1], [0, 0], [1, 1], 1)
+    with poisoned_outputs():
+        out = triton_ops.conv2d_add_relu_triton(x, w, residual, b, *args)
+    assert_tolerance_rule(out, x, w, b, *args, residual=residual)
+    assert descriptor_spy == [(True, False, False, True)] and descriptor_spy.boxes == []
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 @pytest.mark.parametrize("groups", [1, 4])
 def test_conv_add_relu_other_dtypes(dtype, groups):

@@ -94,7 +94,7 @@ def _forward_stats_kernel(partial_ptr, rows, C, x_ptr, stride_c, weight_ptr, bia
     c_ok = cs < C
     acc_t = tl.float64 if F64 else tl.float32
     sum_d = sum_partial_rows(partial_ptr, rows, C, cs, BLOCK_R, BLOCK_C, F64)
-    sum_d2 = sum_partial_rows(partial_ptr + rows * C, rows, C, cs, BLOCK_R, BLOCK_C, F64)
+    sum_d2 = sum_partial_rows(partial_ptr + tl.cast(rows, tl.int64) * C, rows, C, cs, BLOCK_R, BLOCK_C, F64)
     center = tl.load(x_ptr + cs.to(tl.int64) * stride_c, mask=c_ok, other=0.0).to(acc_t)
     mean_d = sum_d / count
     var = sum_d2 / count - mean_d * mean_d
@@ -128,7 +128,7 @@ def _backward_coefficients_kernel(partial_ptr, rows, C, mean_ptr, var_ptr, weigh
     c_ok = cs < C
     acc_t = tl.float64 if F64 else tl.float32
     sum_g = sum_partial_rows(partial_ptr, rows, C, cs, BLOCK_R, BLOCK_C, F64)
-    sum_gx = sum_partial_rows(partial_ptr + rows * C, rows, C, cs, BLOCK_R, BLOCK_C, F64)
+    sum_gx = sum_partial_rows(partial_ptr + tl.cast(rows, tl.int64) * C, rows, C, cs, BLOCK_R, BLOCK_C, F64)
     mean = tl.load(mean_ptr + cs, mask=c_ok, other=0.0)
     invstd = _invstd(tl.load(var_ptr + cs, mask=c_ok, other=0.0), eps, F64)
     scale = tl.load(weight_ptr + cs, mask=c_ok, other=0.0).to(acc_t) * invstd

@@ -432,6 +432,8 @@ def _check_args(input, weight, residual, bias, stride, padding, dilation, groups
             f"Given groups={groups}, expected weight to be divisible by {groups} at dimension 0, "
             f"but got weight of size {list(weight.shape)} instead"
         )
+    if input.size(0) != 0 and input.size(1) != 0 and (input.size(2) == 0 or input.size(3) == 0):
+        raise RuntimeError(f"Only zero batch or zero channel inputs are supported, but got input shape: {list(input.shape)}")
     padded = (input.size(2) + 2 * padding[0], input.size(3) + 2 * padding[1])
     span = (dilation[0] * (r - 1) + 1, dilation[1] * (s - 1) + 1)
     if padded[0] < span[0] or padded[1] < span[1]:
@@ -613,13 +615,13 @@ def _box_operands(config, layout: _Layout):
     dtype, w_stride_k, res_strides = layout.dtype, layout.w_stride_k, layout.res_strides
     plain_gemm = r * s == 1 and layout.padding == (0, 0)
     if (not (config.tma and config.boxes) or layout.stride != (1, 1) or layout.groups != 1 or layout.flat_k
-            or (plain_gemm and not config.persistent) or w_stride_k * dtype.itemsize % 16):
+            or (plain_gemm and not config.persistent) or w_stride_k <= 0 or w_stride_k * dtype.itemsize % 16):
         return None
 
     def nhwc(shape, strides):  # (shape, strides) of the (N, H, W, C) view TMA walks, or None
         n, c, h, w = shape
         sn, sc, sh, sw = strides
-        aligned = all(v * dtype.itemsize % 16 == 0 for v in (sn, sh, sw)) and max(shape) < 2**31
+        aligned = all(v > 0 and v * dtype.itemsize % 16 == 0 for v in (sn, sh, sw)) and max(shape) < 2**31
         return ((n, h, w, c), (sn, sh, sw, 1)) if sc == 1 and aligned else None
 
     def pixel_run(shape, strides):
@@ -652,10 +654,15 @@ def _pixel_rows(shape, strides, size) -> Optional[_Matrix]:
     coordinates."""
     n, c, h, w = shape
     sn, sc, sh, sw = strides
-    dense = (c == 1 or sc == 1) and (n == 1 or sn == h * sh) and (h == 1 or sh == w * sw)
-    if not dense or (sw * size) % 16 or n * h * w >= 2**31:
+    # Pixel m = (i * h + y) * w + x must sit at m * row: each dimension of size above 1 needs
+    # exactly its stride (a size-1 one's says nothing: an (N, C, 1, W) slice of a wider image
+    # has sn = W' * C, not W * C).
+    row = sw if w > 1 else sh if h > 1 else sn
+    dense = ((c == 1 or sc == 1) and (w == 1 or sw == row) and (h == 1 or sh == w * row)
+             and (n == 1 or sn == h * w * row))
+    if not dense or row <= 0 or (row * size) % 16 or n * h * w >= 2**31:
         return None
-    return _Matrix(n * h * w, c, sw)
+    return _Matrix(n * h * w, c, row)
 
 
 def _tma_operands(config, layout: _Layout) -> _TmaOperands:
@@ -671,7 +678,8 @@ def _tma_operands(config, layout: _Layout) -> _TmaOperands:
     kg = k_out // groups
     even_c = cg % config.block_k == 0
     whole_taps = (s * cg) % config.block_k == 0 or r == 1 if flat_k else even_c or r * s == 1
-    weight = _Matrix(k_out, r * s * cg, w_stride_k) if whole_taps and (w_stride_k * size) % 16 == 0 else None
+    weight = (_Matrix(k_out, r * s * cg, w_stride_k) if whole_taps and w_stride_k > 0 and (w_stride_k * size) % 16 == 0
+              else None)
     plain_gemm = r == s == 1 and layout.stride == (1, 1) and layout.padding == (0, 0) and not flat_k
     inputs = _pixel_rows(layout.x_shape, layout.x_strides, size) if plain_gemm and (groups == 1 or even_c) else None
     whole_groups = groups == 1 or kg % config.block_n == 0
@@ -866,7 +874,9 @@ def _make_plan(input, weight, residual, bias, stride, padding, dilation, groups)
 
         candidates = list(dict.fromkeys(eligible(c) for c in candidates))
         tuner = _gemm_tuner
-        shape_key = shape_key + (allow_tf32,)
+        # What decides which candidates may use TMA, beyond the shape and the input's and output's strides.
+        shape_key = shape_key + (allow_tf32, hint(w_stride_k),
+                                 *(map(hint, res_strides) if residual is not None else ()))
 
     if len(candidates) == 1:
         config = candidates[0]

@@ -259,10 +259,12 @@ at::Tensor conv2d_bias_act_direct(const at::Tensor& input, const at::Tensor& wei
                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                   int64_t groups, const ConvShape& shape, at::MemoryFormat format) {
   const auto CL = at::MemoryFormat::ChannelsLast;
-  const auto compute_format = format == CL && onednn_may_crash_in_channels_last(shape, stride, dilation)
-                                  ? at::MemoryFormat::Contiguous
-                                  : format;
-  const at::Tensor x_in = input.contiguous(compute_format);
+  const bool in_nchw = onednn_may_crash_in_channels_last(shape, stride, dilation);
+  const auto compute_format = in_nchw ? at::MemoryFormat::Contiguous : format;
+  // With compute_format's own strides: a tensor contiguous in both formats through size-1
+  // dimensions may carry the other format's strides, which oneDNN follows (an NCHW-contiguous
+  // 1x5x1 image with channels_last strides crashed it as above).
+  const at::Tensor x_in = strided_as(input, compute_format);
   std::optional<int> x_in_bound;  // x_in's magnitude_bound, read at most once
   const auto input_bound = [&] { return x_in_bound ? *x_in_bound : *(x_in_bound = magnitude_bound(x_in)); };
   const bool in_fp32 =
@@ -271,7 +273,7 @@ at::Tensor conv2d_bias_act_direct(const at::Tensor& input, const at::Tensor& wei
        onednn_bf16_gets_wrong(compute_format == CL && shape.OW == 1 && stride[1] > 1, {input_bound()}));
   const at::Tensor x = in_fp32 ? x_in.to(at::kFloat) : x_in;
   // at::convolution computes in channels_last when the weight is so: NCHW needs both NCHW.
-  const at::Tensor w_in = compute_format == format ? weight : weight.contiguous();
+  const at::Tensor w_in = in_nchw ? strided_as(weight, compute_format) : weight;
   // Converted only where a conv reads it: a cached reordered weight needs no conversion per call.
   const auto w = [&] { return in_fp32 ? w_in.to(at::kFloat) : w_in; };
   const c10::optional<at::Tensor> b =
@@ -320,6 +322,9 @@ at::Tensor conv2d_bias_act_cpu(const char* op, const at::Tensor& input, const at
                                             groups);
   const std::vector<int64_t> dilation = effective_dilation(weight, requested_dilation);
   const auto format = conv_output_memory_format(input, weight);
+  if (shape.N == 0) {  // nothing to compute (ATen's own CPU conv refuses an empty image even then)
+    return at::empty({0, shape.K, shape.OH, shape.OW}, input.options().memory_format(format));
+  }
   const auto direct = [&] {
     return conv2d_bias_act_direct(input, weight, bias, residual, stride, padding, dilation, groups, shape, format);
   };

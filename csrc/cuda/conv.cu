@@ -397,15 +397,29 @@ void run_cutlass(const char* op, const ConvShape& s, const CutlassPlan& plan, co
 }
 #endif  // CNNKERNELS_WITH_CUTLASS
 
-at::Tensor conv_bias_relu(const char* op, const at::Tensor& input, const at::Tensor& weight,
-                          const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
-                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                          int64_t groups) {
+// check_conv2d_args, plus the 32-bit ints the kernels and CUTLASS's problem shape index with (a
+// stride of 2^32 became 0 there, and CUTLASS divided by it).
+ConvShape check_cuda_conv_args(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                               int64_t groups) {
   const ConvShape s = check_conv2d_args(op, input, weight, bias, residual, stride, padding, dilation, groups);
   const int64_t int_max = std::numeric_limits<int32_t>::max();
   for (int64_t v : {s.N, s.C, s.H, s.W, s.K, s.R, s.S, s.OH, s.OW, s.C / s.groups * s.R * s.S}) {
     TORCH_CHECK(v <= int_max, op, ": sizes of 2^31 or more along one dimension are not supported");
   }
+  for (int64_t v : {s.stride_h, s.stride_w, s.pad_h, s.pad_w, s.dil_h, s.dil_w}) {
+    TORCH_CHECK(v <= int_max, op, ": stride, padding and dilation of 2^31 or more are not supported, got stride=",
+                stride, ", padding=", padding, ", dilation=", dilation);
+  }
+  return s;
+}
+
+at::Tensor conv_bias_relu(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                          int64_t groups) {
+  const ConvShape s = check_cuda_conv_args(op, input, weight, bias, residual, stride, padding, dilation, groups);
   at::Tensor out = at::empty({s.N, s.K, s.OH, s.OW}, input.options().memory_format(conv_output_memory_format(input, weight)));
   if (out.numel() == 0) return out;
 
@@ -451,7 +465,7 @@ CutlassPlanSummary describe_cutlass_plan(const at::Tensor& input, const at::Tens
                                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                          bool gemm_routes) {
   const ConvShape s =
-      check_conv2d_args("cutlass_plan", input, weight, c10::nullopt, at::Tensor(), stride, padding, dilation, groups);
+      check_cuda_conv_args("cutlass_plan", input, weight, c10::nullopt, at::Tensor(), stride, padding, dilation, groups);
   CutlassPlanSummary summary;
 #ifdef CNNKERNELS_WITH_CUTLASS
   CutlassPlan plan = plan_cutlass(s, gemm_routes);
