@@ -309,6 +309,9 @@ def memory_format_of(t):
 
 def conv_output_memory_format(input, weight):
     """The memory format of a conv's output, as F.conv2d gives it: channels_last when the input or
-    the weight is, contiguous otherwise. The C++ ops follow the same rule (csrc/conv_args.h)."""
+    the weight is, contiguous otherwise, and contiguous for an empty batch (ATen's empty-input
+    path). The C++ ops follow the same rule (csrc/conv_args.h)."""
     cl = torch.channels_last
+    if input.numel() == 0:
+        return torch.contiguous_format
     return cl if cl in (memory_format_of(input), memory_format_of(weight)) else torch.contiguous_format

@@ -35,9 +35,11 @@ at::Tensor laid_out_as(const at::Tensor& operand, const at::Tensor& output);
 void check_relu_backward_args(const at::Tensor& grad, const at::Tensor& output);
 
 // The memory format of a conv's output (and of its input gradient), as torch.nn.functional.conv2d
-// gives it: channels_last when the input or the weight is, contiguous otherwise.
+// gives it: channels_last when the input or the weight is, contiguous otherwise, and contiguous
+// for an empty batch (ATen's empty-input path).
 inline at::MemoryFormat conv_output_memory_format(const at::Tensor& input, const at::Tensor& weight) {
   const auto CL = at::MemoryFormat::ChannelsLast;
+  if (input.sym_numel() == 0) return at::MemoryFormat::Contiguous;
   return input.suggest_memory_format() == CL || weight.suggest_memory_format() == CL ? CL
                                                                                       : at::MemoryFormat::Contiguous;
 }

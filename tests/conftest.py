@@ -152,9 +152,11 @@ def assert_matches_reference(out, ref64, torch_same_dtype):
 
 def conv_output_memory_format(x, weight):
     """channels_last when the input or the weight is (torch's suggest_memory_format), as F.conv2d
-    lays out its output on the CPU and through cuDNN."""
+    lays out its output on the CPU and through cuDNN; contiguous for an empty batch."""
     suggest = torch._prims_common.suggest_memory_format
     cl = torch.channels_last
+    if x.numel() == 0:
+        return torch.contiguous_format
     return cl if cl in (suggest(x), suggest(weight)) else torch.contiguous_format
 
 

@@ -96,18 +96,25 @@ def test_bad_conv_input_raises_clearly(case, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("input_shape", [(0, 4, 8, 8), (0, 4, 0, 8)], ids=["empty-batch", "empty-batch-and-image"])
-def test_an_empty_batch_gives_what_f_conv2d_gives(backend, input_shape):
+@pytest.mark.parametrize("channels_last", ["none", "input", "weight"])
+def test_an_empty_batch_gives_what_f_conv2d_gives(backend, input_shape, channels_last):
     """F.conv2d takes an empty batch, even of empty images (it refuses those only in a nonempty
-    batch): the output, its gradients (zeros for the weight and bias) and the forward's shape
-    match. ATen's own CPU conv kernels, which the C++ op called, refused the empty images."""
-    x = torch.randn(input_shape, requires_grad=True)
-    w, b = torch.randn(6, 4, 1, 3, requires_grad=True), torch.randn(6, requires_grad=True)
+    batch): the output, its gradients (zeros for the weight and bias), their shapes and strides
+    match (F.conv2d's output is contiguous there, whatever the operands' layout). ATen's own CPU
+    conv kernels, which the C++ op called, refused the empty images."""
+    x, w, b = torch.randn(input_shape), torch.randn(6, 4, 1, 3), torch.randn(6, requires_grad=True)
+    if channels_last == "input":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if channels_last == "weight":
+        w = w.contiguous(memory_format=torch.channels_last)
+    x, w = x.requires_grad_(), w.requires_grad_()
     expected = F.conv2d(x, w, b, padding=1)
+    expected_grads = torch.autograd.grad(expected.sum(), [x, w, b])
     with cnnkernels.use_backend(backend):
         out = cnnkernels.conv2d_add_relu(x, w, torch.randn(expected.shape), b, padding=1)
-    assert out.shape == expected.shape
+    assert (out.shape, out.stride()) == (expected.shape, expected.stride())
     grads = torch.autograd.grad(out.sum(), [x, w, b])
-    assert [g.shape for g in grads] == [x.shape, w.shape, b.shape]
+    assert [(g.shape, g.stride()) for g in grads] == [(g.shape, g.stride()) for g in expected_grads]
     assert not grads[1].any() and not grads[2].any()
 
 

@@ -96,9 +96,9 @@ def test_conv_matches_float64(N, C, H, W, K, kernel, stride, padding, dilation, 
     assert_tolerance_rule(out, x, w, b, *args)
 
 
-# (input shape, weight shape, stride, padding, groups, channel offset of the input view, which of
-#  (weight, input, residual, output) go as TMA descriptors with the interpreter's tiles: 128x64,
-#  K blocks of 32, clamped to the problem)
+# (input shape, weight shape, stride, padding, groups, byte offset of the input's channel view
+#  (channel_view_operands), which of (weight, input, residual, output) go as TMA descriptors with
+#  the interpreter's tiles: 128x64, K blocks of 32, clamped to the problem)
 TMA_CASES = [
     pytest.param((2, 32, 5, 7), (24, 32, 1, 1), 1, 0, 1, 0, (True, True, True, True), id="1x1-gemm"),
     pytest.param((2, 40, 5, 7), (24, 40, 1, 1), 1, 0, 1, 0, (True, True, True, True), id="1x1-zero-filled-channels"),
@@ -109,7 +109,8 @@ TMA_CASES = [
     pytest.param((2, 8, 9, 9), (16, 8, 3, 4), 2, 1, 1, 0, (True, False, True, True), id="3x4-flat-reduction"),
     pytest.param((2, 8, 9, 9), (16, 8, 3, 3), 2, 1, 1, 0, (False, False, True, True), id="3x3-flat-rows-of-24"),
     pytest.param((2, 20, 6, 6), (5, 20, 3, 3), 1, 1, 1, 0, (False, False, False, False), id="3x3-nothing-eligible"),
-    pytest.param((2, 32, 5, 7), (24, 32, 1, 1), 1, 0, 1, 2, (False, False, False, False), id="misaligned-view-falls-back"),
+    pytest.param((2, 32, 5, 7), (24, 32, 1, 1), 1, 0, 1, 16, (True, True, True, True), id="16-byte-channel-view"),
+    pytest.param((2, 32, 5, 7), (24, 32, 1, 1), 1, 0, 1, 8, (False, False, False, False), id="misaligned-view-falls-back"),
 ]
 
 
@@ -141,16 +142,18 @@ def descriptor_spy(monkeypatch):
     return launched
 
 
-def channel_view_operands(xs, ws, offset, dtype):
-    """An input of shape xs that is channels offset.. of a channels_last tensor with 8 more
-    channels (offset 0: a plain channels_last tensor's leading channels), a channels_last
-    weight and a bias, from a fixed seed."""
-    g = torch.Generator(device=DEVICE).manual_seed(2)
+def channel_view_operands(xs, ws, offset_bytes, dtype, device=DEVICE):
+    """An input of shape xs that is a channel slice of a channels_last tensor with 8 more
+    channels, starting offset_bytes into each pixel (0: a plain channels_last tensor's leading
+    channels; TMA needs a 16-byte aligned base), a channels_last weight and a bias, from a fixed seed."""
+    g = torch.Generator(device=device).manual_seed(2)
     n, c, h, w_ = xs
-    big = torch.randn(n, c + 8, h, w_, dtype=dtype, device=DEVICE, generator=g)
+    offset = offset_bytes // dtype.itemsize
+    assert offset * dtype.itemsize == offset_bytes and offset <= 8
+    big = torch.randn(n, c + 8, h, w_, dtype=dtype, device=device, generator=g)
     x = big.contiguous(memory_format=torch.channels_last)[:, offset : offset + c]
-    w = torch.randn(ws, dtype=dtype, device=DEVICE, generator=g).contiguous(memory_format=torch.channels_last)
-    return x, w, torch.randn(ws[0], dtype=dtype, device=DEVICE, generator=g)
+    w = torch.randn(ws, dtype=dtype, device=device, generator=g) / (ws[1] * ws[2] * ws[3]) ** 0.5
+    return x, w.contiguous(memory_format=torch.channels_last), torch.randn(ws[0], dtype=dtype, device=device, generator=g)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="test_gpu_tma_configs runs the TMA configs on the GPU")
@@ -171,13 +174,14 @@ def test_conv_tma_descriptors_match_float64(monkeypatch, descriptor_spy, xs, ws,
     assert not any(holds_a_tensor(plan) for plan in conv._PLANS.values())
 
 
-BOX_CASES = [  # (input, weight, padding, dilation, channel offset, residual, (images, rows, columns) or None)
+BOX_CASES = [  # (input, weight, padding, dilation, byte offset, residual, (images, rows, columns) or None)
     pytest.param((2, 32, 8, 8), (24, 32, 3, 3), (1, 1), (1, 1), 0, True, (2, 8, 8), id="3x3-padded"),
     pytest.param((4, 32, 16, 16), (80, 32, 3, 3), (1, 1), (1, 1), 0, True, (1, 8, 16), id="16-tiles"),
     pytest.param((2, 40, 7, 7), (24, 40, 3, 3), (1, 1), (1, 1), 0, False, (2, 8, 8), id="clipped-at-edges-40-channels"),
     pytest.param((2, 16, 12, 12), (16, 16, 5, 3), (4, 2), (2, 2), 0, True, (2, 4, 16), id="5x3-dilated"),
-    pytest.param((2, 24, 8, 8), (16, 24, 3, 3), (1, 1), (1, 1), 8, True, (2, 8, 8), id="channel-slice-view"),
-    pytest.param((2, 24, 8, 8), (16, 24, 3, 3), (1, 1), (1, 1), 2, True, None, id="misaligned-view-falls-back"),
+    pytest.param((3, 32, 8, 8), (24, 32, 3, 3), (1, 1), (1, 1), 0, True, (2, 8, 8), id="images-not-a-multiple-of-box"),
+    pytest.param((2, 24, 8, 8), (16, 24, 3, 3), (1, 1), (1, 1), 16, True, (2, 8, 8), id="channel-slice-view"),
+    pytest.param((2, 24, 8, 8), (16, 24, 3, 3), (1, 1), (1, 1), 8, True, None, id="misaligned-view-falls-back"),
     pytest.param((2, 32, 8, 8), (24, 32, 1, 1), (0, 0), (1, 1), 0, True, "persistent only", id="1x1-plain-gemm"),
 ]
 
@@ -235,6 +239,24 @@ def test_tma_configs_read_width_slices_of_one_row_images(monkeypatch, descriptor
         out = triton_ops.conv2d_add_relu_triton(x, w, residual, b, *args)
     assert_tolerance_rule(out, x, w, b, *args, residual=residual)
     assert descriptor_spy == [(True, False, False, True)] and descriptor_spy.boxes == []
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="test_gpu_tma_configs_on_views runs this on the GPU")
+@pytest.mark.parametrize("kind", ["tma", "boxes"])
+def test_tma_configs_take_an_expanded_residual_by_pointer(monkeypatch, descriptor_spy, kind):
+    """A residual broadcast from one value per channel (stride 0 over images and pixels) has no
+    matrix a descriptor can walk: it goes as a pointer, the box config becomes the GEMM kernel,
+    and the other operands keep their descriptors."""
+    boxes = kind == "boxes"
+    monkeypatch.setattr(conv, "_INTERPRETER", conv._INTERPRETER._replace(tma=True, boxes=boxes, persistent=boxes))
+    ws, padding = ((24, 32, 3, 3), 1) if boxes else ((24, 32, 1, 1), 0)
+    x, w, b = channel_view_operands((2, 32, 8, 8), ws, 0, torch.bfloat16)
+    args = ([1, 1], [padding] * 2, [1, 1], 1)
+    residual = torch.randn(1, 24, 1, 1, dtype=torch.bfloat16, device=DEVICE).expand(2, 24, 8, 8)
+    with poisoned_outputs():
+        out = triton_ops.conv2d_add_relu_triton(x, w, residual, b, *args)
+    assert_tolerance_rule(out, x, w, b, *args, residual=residual)
+    assert descriptor_spy == [(True, not boxes, False, True)] and descriptor_spy.boxes == []
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
@@ -793,6 +815,7 @@ def test_gpu_cuda_graph_capture_after_warmup():
 
 GPU_TMA_CASES = [  # (input, weight, stride, padding, groups, (weight, input, residual, output) as descriptors)
     ((8, 256, 28, 28), (512, 256, 1, 1), 1, 0, 1, (True, True, True, True)),
+    ((8, 256, 28, 28), (80, 256, 1, 1), 1, 0, 1, (True, True, True, True)),  # stores clipped at 80 of 128 channels
     ((8, 64, 28, 28), (96, 32, 1, 1), 1, 0, 2, (True, True, False, False)),  # 48 channels per group, 64-wide tiles
     ((8, 128, 28, 28), (128, 128, 3, 3), 1, 1, 1, (True, False, True, True)),
     ((8, 8, 32, 32), (64, 8, 3, 4), 2, 1, 1, (True, False, True, True)),  # FLAT_K, kernel rows of 32 = BLOCK_K
@@ -803,6 +826,7 @@ GPU_BOX_CASES = [  # (input, weight, padding, dilation, (images, rows, columns) 
     ((8, 64, 56, 56), (64, 64, 3, 3), 1, 1, (2, 8, 8)),
     ((16, 128, 28, 28), (128, 128, 3, 3), 1, 1, (8, 4, 4)),
     ((64, 256, 7, 7), (256, 256, 3, 3), 1, 1, (16, 1, 8)),  # clipped at the right edge
+    ((3, 128, 8, 8), (128, 128, 3, 3), 1, 1, (2, 8, 8)),  # the last box half past the last image
     ((8, 64, 30, 30), (96, 64, 3, 3), 2, 2, (2, 2, 32)),  # dilated, clipped at the right edge
     ((32, 256, 14, 14), (1024, 256, 1, 1), 0, 1, (1, 1, 128)),  # a plain GEMM: persistent configs only
 ]
@@ -849,6 +873,44 @@ def test_gpu_tma_configs(monkeypatch, tmp_path, descriptor_spy, case, dtype):
     out = call()
     assert_tolerance_rule(out, x, w, b, *args, residual=residual)
     assert descriptor_spy == [expected]
+    assert_graph_replay_matches(call, x)
+
+
+GPU_VIEW_CASES = {  # view -> ((weight, input, residual, output) as descriptors, boxes) for the TMA and box configs
+    "channel-slice-16-bytes": {"tma": ((True, True, True, True), []), "boxes": ((True, True, True, True), [(1, 8, 16)])},
+    "channel-slice-8-bytes": {"tma": ((False,) * 4, []), "boxes": ((False,) * 4, [])},  # the pointer twin
+    "expanded-residual": {"tma": ((True, True, False, True), []), "boxes": ((True, False, False, True), [])},
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("view", GPU_VIEW_CASES)
+@pytest.mark.parametrize("kind", ["tma", "boxes"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_tma_configs_on_views(monkeypatch, tmp_path, descriptor_spy, view, kind, dtype):
+    """The TMA and output-box candidates on operands no descriptor or only some can walk: an input
+    sliced from wider pixels 8 bytes in (misaligned: every operand goes as a pointer) or 16 bytes
+    in, and a residual broadcast from one value per channel. Against float64 and under CUDA-graph
+    replay."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the TMA configs are Hopper candidates")
+    use_first_hopper_config(monkeypatch, tmp_path, (lambda c: c.boxes and not c.persistent) if kind == "boxes"
+                            else (lambda c: c.tma and not c.boxes))
+    xs, ws, padding = ((8, 64, 16, 16), (64, 64, 3, 3), 1) if kind == "boxes" else ((8, 256, 28, 28), (256, 256, 1, 1), 0)
+    offset = {"channel-slice-16-bytes": 16, "channel-slice-8-bytes": 8}.get(view, 0)
+    x, w, b = channel_view_operands(xs, ws, offset, dtype, device="cuda")
+    args = ([1, 1], [padding] * 2, [1, 1], 1)
+    out_shape = F.conv2d(x, w, b, *args).shape
+    if view == "expanded-residual":
+        residual = torch.randn(1, ws[0], 1, 1, dtype=dtype, device="cuda").expand(out_shape)
+    else:
+        residual = torch.randn(out_shape, dtype=dtype, device="cuda").contiguous(memory_format=torch.channels_last)
+    call = lambda: triton_ops.conv2d_add_relu_triton(x, w, residual, b, *args)  # noqa: E731
+    with poisoned_outputs():
+        out = call()
+    assert_tolerance_rule(out, x, w, b, *args, residual=residual)
+    flags, boxes = GPU_VIEW_CASES[view][kind]
+    assert descriptor_spy == [flags] and descriptor_spy.boxes == boxes
     assert_graph_replay_matches(call, x)
 
 
