@@ -274,7 +274,7 @@ def empty_add_relu_output(input, other):
         fmt = _common_format(total)
         if fmt is None:
             return torch.empty_strided(input.shape, total.stride(), dtype=input.dtype, device=input.device)
-    return torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=fmt)
+    return torch.empty_like(input, memory_format=fmt)  # torch.empty with the same arguments costs 2-3 us more
 
 
 def _common_format(*tensors):
