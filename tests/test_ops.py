@@ -389,6 +389,7 @@ ONEDNN_CRASHES = [
     ("bfloat16", 3, 9, 7, 1, (9, 2), (1, 2), (3, 3), (1, 4), (3, 3), True, False),
     ("float32", 3, 5, 26, 1, (7, 2), (4, 2), (1, 4), (0, 5), (2, 3), True, True),
     ("float32", 3, 1, 8, 1, (5, 1), (3, 2), (1, 2), (0, 3), (1, 2), "channels_last strides", False),
+    ("float32", 1, 64, 32, 2, (4, 1), (1, 1), (1, 2), (0, 1), (1, 2), True, True),  # grouped 1x1 (stop 36's search)
 ]
 
 
