@@ -87,6 +87,15 @@ def check_weight_sizes(op, weight, groups):
                            f"but got weight of size {list(weight.shape)} instead")
 
 
+def check_image_sizes(op, input):
+    """Refuses a nonempty batch of empty images in PyTorch's wording, as F.conv2d does (an empty
+    batch, even of empty images, it takes)."""
+    n, c, h, w = input.shape
+    if n != 0 and c != 0 and (h == 0 or w == 0):
+        raise RuntimeError(f"{op}: only zero batch or zero channel inputs are supported, but got input shape: "
+                           f"{list(input.shape)}")
+
+
 def conv_call(op, input, weight, bias, stride, padding, dilation, groups, residual=None, needs_residual=False):
     """Validates a conv2d_relu / conv2d_add_relu call and returns it normalized. (It runs on every
     call: the common, valid case takes the fewest steps.)"""
@@ -133,9 +142,7 @@ def conv_call(op, input, weight, bias, stride, padding, dilation, groups, residu
         raise RuntimeError(f"{op}: given groups={groups}, weight of size {list(weight.shape)}, expected "
                            f"input{list(input.shape)} to have {c_per_group * groups} channels, but got {c} "
                            "channels instead")
-    if n != 0 and c != 0 and (h == 0 or w == 0):
-        raise RuntimeError(f"{op}: only zero batch or zero channel inputs are supported, but got input shape: "
-                           f"{list(input.shape)}")
+    check_image_sizes(op, input)
     if bias is not None:
         _check_same_kind(op, "bias", bias, input)
         if bias.dim() != 1 or bias.shape[0] != k:

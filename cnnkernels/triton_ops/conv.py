@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .._args import PLAIN_TENSORS, check_weight_sizes, conv_output_memory_format, remember
+from .._args import PLAIN_TENSORS, check_image_sizes, check_weight_sizes, conv_output_memory_format, remember
 from . import _autotune, _runtime
 from ._runtime import store_cast
 
@@ -432,8 +432,7 @@ def _check_args(input, weight, residual, bias, stride, padding, dilation, groups
             f"Given groups={groups}, expected weight to be divisible by {groups} at dimension 0, "
             f"but got weight of size {list(weight.shape)} instead"
         )
-    if input.size(0) != 0 and input.size(1) != 0 and (input.size(2) == 0 or input.size(3) == 0):
-        raise RuntimeError(f"Only zero batch or zero channel inputs are supported, but got input shape: {list(input.shape)}")
+    check_image_sizes("conv2d (Triton)", input)
     padded = (input.size(2) + 2 * padding[0], input.size(3) + 2 * padding[1])
     span = (dilation[0] * (r - 1) + 1, dilation[1] * (s - 1) + 1)
     if padded[0] < span[0] or padded[1] < span[1]:
@@ -584,6 +583,12 @@ def _pointers_only(config):
 _MIN_BOX_USE = 0.75  # the share of a box tiling's rows that are real output pixels, at least
 
 
+def _tma_stride(stride, itemsize) -> bool:
+    """Whether a TMA descriptor can step along a dimension with this stride (in elements): it
+    takes positive strides that are multiples of 16 bytes (no stride-0 broadcasts)."""
+    return stride > 0 and stride * itemsize % 16 == 0
+
+
 def _output_boxes(block_m, n, oh, ow):
     """(images, rows, columns): the box of output pixels, block_m in all, whose tiling of an
     (n, oh, ow) output wastes least at its edges, or None if the best wastes more than
@@ -615,13 +620,13 @@ def _box_operands(config, layout: _Layout):
     dtype, w_stride_k, res_strides = layout.dtype, layout.w_stride_k, layout.res_strides
     plain_gemm = r * s == 1 and layout.padding == (0, 0)
     if (not (config.tma and config.boxes) or layout.stride != (1, 1) or layout.groups != 1 or layout.flat_k
-            or (plain_gemm and not config.persistent) or w_stride_k <= 0 or w_stride_k * dtype.itemsize % 16):
+            or (plain_gemm and not config.persistent) or not _tma_stride(w_stride_k, dtype.itemsize)):
         return None
 
     def nhwc(shape, strides):  # (shape, strides) of the (N, H, W, C) view TMA walks, or None
         n, c, h, w = shape
         sn, sc, sh, sw = strides
-        aligned = all(v > 0 and v * dtype.itemsize % 16 == 0 for v in (sn, sh, sw)) and max(shape) < 2**31
+        aligned = all(_tma_stride(v, dtype.itemsize) for v in (sn, sh, sw)) and max(shape) < 2**31
         return ((n, h, w, c), (sn, sh, sw, 1)) if sc == 1 and aligned else None
 
     def pixel_run(shape, strides):
@@ -660,7 +665,7 @@ def _pixel_rows(shape, strides, size) -> Optional[_Matrix]:
     row = sw if w > 1 else sh if h > 1 else sn
     dense = ((c == 1 or sc == 1) and (w == 1 or sw == row) and (h == 1 or sh == w * row)
              and (n == 1 or sn == h * w * row))
-    if not dense or row <= 0 or (row * size) % 16 or n * h * w >= 2**31:
+    if not dense or not _tma_stride(row, size) or n * h * w >= 2**31:
         return None
     return _Matrix(n * h * w, c, row)
 
@@ -678,8 +683,7 @@ def _tma_operands(config, layout: _Layout) -> _TmaOperands:
     kg = k_out // groups
     even_c = cg % config.block_k == 0
     whole_taps = (s * cg) % config.block_k == 0 or r == 1 if flat_k else even_c or r * s == 1
-    weight = (_Matrix(k_out, r * s * cg, w_stride_k) if whole_taps and w_stride_k > 0 and (w_stride_k * size) % 16 == 0
-              else None)
+    weight = _Matrix(k_out, r * s * cg, w_stride_k) if whole_taps and _tma_stride(w_stride_k, size) else None
     plain_gemm = r == s == 1 and layout.stride == (1, 1) and layout.padding == (0, 0) and not flat_k
     inputs = _pixel_rows(layout.x_shape, layout.x_strides, size) if plain_gemm and (groups == 1 or even_c) else None
     whole_groups = groups == 1 or kg % config.block_n == 0
